@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := demo
+SOUNDFONT_DIR := /usr/share/sounds/sf2
+
+.PHONY: install system-deps demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# FluidSynth and a General MIDI SoundFont render the synthetic data set.
+system-deps:
+	@if command -v fluidsynth >/dev/null 2>&1 && [ -e $(SOUNDFONT_DIR)/FluidR3_GM.sf2 ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null; \
+	else \
+		echo "timbre: FluidSynth is missing; install it with: sudo apt-get install fluidsynth fluid-soundfont-gm (or brew install fluid-synth)"; exit 1; \
+	fi
+
+install: system-deps $(STAMP)
+
+demo: install
+	$(PY) -m shards synth $(DEMO)/synth --train-per-class 24 --test-files 24 --unlabeled 240 --seed 0
+	$(PY) -m shards pack irmas-train $(DEMO)/synth/IRMAS-TrainingData $(DEMO)/shards/irmas-train --val-fraction 0.2 --workers 2
+	$(PY) -m shards pack irmas-test $(DEMO)/synth/IRMAS-TestingData-Part1 $(DEMO)/shards/irmas-test --workers 2
+	$(PY) -m shards pack folder $(DEMO)/synth/unlabeled $(DEMO)/shards/unlabeled --segment-seconds 3 --workers 2
+	$(PY) -m shards verify $(DEMO)/shards/irmas-train
+	$(PY) -m shards stats $(DEMO)/shards/irmas-train --plot $(DEMO)/irmas-train-classes.png
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/shards.py
+	$(PY) bench/backbone.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,1 @@
+"""Spectrogram transformer backbones and their self-supervised pretraining."""

@@ -1,0 +1,1 @@
+"""Audio -> WebDataset shards, and shards -> batches."""
