@@ -1,0 +1,128 @@
+"""Recipes: plain YAML read into nested dataclasses, with dotted `key=value` overrides.
+
+The dataclass schema is the single description of what a recipe may say, so an unknown or
+misspelt key is an error that names the key and the file instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from shards.errors import UserError
+
+T = TypeVar("T")
+
+
+def load_recipe(path: str | Path, overrides: list[str], schema: type[T]) -> T:
+    """Read `path`, apply `overrides` (`a.b=value`, value parsed as YAML) and build `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; pass a YAML file such as recipes/pretrain/mae-tiny-synth.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of keys to values; got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override, source=path)
+    return build(schema, raw, source=path)
+
+
+def apply_override(raw: dict, override: str, *, source: Path | str) -> None:
+    """Set `a.b.c=value` inside the nested mapping `raw`."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"{source}: override {override!r} is not of the form key=value (e.g. train.steps=100)")
+    value = yaml.safe_load(text) if text else None
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def build(schema: type[T], data: dict, *, source: Path | str, prefix: str = "") -> T:
+    """Instantiate the dataclass `schema` from `data`, checking keys and coercing scalar types."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(f"{prefix}{name}" for name in fields)
+            raise UserError(f"{source}: unknown key {dotted!r}; known keys here: {known}")
+        values[key] = _coerce(hints[key], value, source=source, dotted=dotted)
+    try:
+        return schema(**values)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'recipe'}: {error}") from None
+
+
+def to_dict(recipe: Any) -> dict:
+    """The recipe as plain data, for logging and for saving next to the results."""
+    return dataclasses.asdict(recipe)
+
+
+def _coerce(hint: Any, value: Any, *, source: Path | str, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, source=source, dotted=dotted)
+            except UserError as error:
+                errors.append(error)
+        raise errors[0]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {dotted!r} is a section; give it keys, e.g. {dotted}.<key>=...")
+        return build(hint, value, source=source, prefix=f"{dotted}.")
+    if origin in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        item_hint = args[0] if args else Any
+        coerced = [_coerce(item_hint, item, source=source, dotted=dotted) for item in items]
+        return coerced if origin is list else tuple(coerced)
+    if origin is dict or hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typing.get_origin(hint) is typing.Literal:
+        if value in args:
+            return value
+        raise UserError(f"{source}: {dotted!r} must be one of {', '.join(map(str, args))}; got {value!r}")
+    else:
+        return value
+    raise UserError(f"{source}: {dotted!r} must be {getattr(hint, '__name__', hint)}; got {value!r}")

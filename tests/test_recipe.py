@@ -1,0 +1,54 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pretrain.recipe import load_recipe
+from shards.errors import UserError
+
+
+@dataclass
+class Train:
+    steps: int = 10
+    lr: float = 1e-3
+    precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+@dataclass
+class Recipe:
+    shards: list[str] = field(default_factory=list)
+    train: Train = field(default_factory=Train)
+    resume: str | None = None
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
+    path = write(tmp_path, "shards: data/train\ntrain:\n  steps: 5\n")
+    recipe = load_recipe(path, ["train.lr=3e-4", "train.precision=bf16", "resume=auto"], Recipe)
+    assert recipe.shards == ["data/train"]
+    assert recipe.train == Train(steps=5, lr=3e-4, precision="bf16")
+    assert recipe.resume == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("train:\n  stepz: 5\n", [], "unknown key 'train.stepz'"),
+        ("", ["train.steps=many"], "'train.steps' must be int"),
+        ("", ["train.precision=fp8"], "must be one of no, bf16, fp16"),
+        ("train: 3\n", [], "'train' is a section"),
+        ("train: [\n", [], "is not valid YAML"),
+        ("", ["steps"], "not of the form key=value"),
+    ],
+)
+def test_mistakes_name_the_key_and_the_file(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError, match=message) as error:
+        load_recipe(path, overrides, Recipe)
+    assert str(path) in str(error.value)
+    assert "\n" not in str(error.value)
