@@ -1,0 +1,206 @@
+"""Spectrogram ViT: log-mel features -> patch tokens and a clip embedding.
+
+The architecture is transformers' `ASTModel` (cls and distillation tokens, learned positions,
+pre-norm blocks, final LayerNorm, pooled output = mean of the two special tokens), so weights move
+losslessly to and from AST checkpoints (see `pretrain.hub`). What it adds for pretraining: inputs
+shorter than `max_frames` use the matching slice of the position grid, and `keep` selects the
+patches the encoder sees, so a masked autoencoder runs it on visible patches only.
+
+Token order everywhere (patch projection, position grid, `patchify`) is frequency-major like
+AST's Conv2d over the (mels x frames) image: token = f * grid_t + t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from pretrain.frontend import FrontendConfig
+
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}  # width, depth, heads
+
+
+@dataclass
+class BackboneConfig:
+    """Everything that defines the network; `max_frames` is the longest input (and the exported AST `max_length`)."""
+
+    hidden_size: int = 192
+    num_layers: int = 12
+    num_heads: int = 3
+    intermediate_size: int = 768
+    patch_size: int = 16
+    frequency_stride: int = 16
+    time_stride: int = 16
+    num_mel_bins: int = 128
+    max_frames: int = 1024
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.frontend, dict):
+            self.frontend = FrontendConfig(**self.frontend)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_mel_bins != self.frontend.num_mel_bins:
+            raise ValueError(f"num_mel_bins {self.num_mel_bins} differs from the frontend's {self.frontend.num_mel_bins}")
+        if self.max_frames < self.patch_size or self.num_mel_bins < self.patch_size:
+            raise ValueError(f"max_frames and num_mel_bins must be at least one patch ({self.patch_size})")
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> BackboneConfig:
+        """A named size ("tiny", "small", "base") with MLP ratio 4; any field can be overridden."""
+        if size not in SIZES:
+            raise ValueError(f"unknown backbone size {size!r}; choose one of {', '.join(SIZES)}")
+        width, depth, heads = SIZES[size]
+        return cls(**{"hidden_size": width, "num_layers": depth, "num_heads": heads, "intermediate_size": 4 * width,
+                      **overrides})
+
+    def grid(self, frames: int) -> tuple[int, int]:
+        """(frequency patches, time patches) that a Conv2d with this kernel and stride makes of `frames` frames."""
+        return ((self.num_mel_bins - self.patch_size) // self.frequency_stride + 1,
+                (frames - self.patch_size) // self.time_stride + 1)
+
+
+def patchify(features: Tensor, patch: int) -> Tensor:
+    """(B, T, F) -> (B, N, patch*patch) non-overlapping patches in token order; frames past the last whole patch are dropped."""
+    frames = features.shape[1] // patch * patch
+    return rearrange(features[:, :frames], "b (t pt) (f pf) -> b (f t) (pf pt)", pt=patch, pf=patch)
+
+
+def unpatchify(patches: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
+    """(B, N, patch*patch) with grid (freq patches, time patches) -> (B, grid_t*patch, grid_f*patch); inverse of patchify."""
+    return rearrange(patches, "b (f t) (pf pt) -> b (t pt) (f pf)", f=grid[0], t=grid[1], pt=patch, pf=patch)
+
+
+def sincos_grid(grid_f: int, grid_t: int, dim: int) -> Tensor:
+    """(grid_f, grid_t, dim) fixed 2D sin-cos positions: half the channels encode frequency, half time (as in MAE)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos positions need hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+    def encode(length: int) -> np.ndarray:
+        angles = np.outer(np.arange(length, dtype=np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # (length, dim/2)
+
+    freq = np.broadcast_to(encode(grid_f)[:, None], (grid_f, grid_t, dim // 2))
+    time = np.broadcast_to(encode(grid_t)[None, :], (grid_f, grid_t, dim // 2))
+    return torch.from_numpy(np.concatenate([freq, time], axis=-1)).float()
+
+
+class BackboneOutput(NamedTuple):
+    tokens: Tensor  # (B, K, D) patch tokens after the final norm, the kept ones in `keep` order
+    embedding: Tensor  # (B, D) mean of the cls and distillation tokens after the final norm (AST's pooler_output)
+    hidden: Tensor  # (B, 2 + K, D) cls, distillation, patch tokens (AST's last_hidden_state)
+
+
+class PatchEmbedding(nn.Module):
+    """Conv2d over the (mels x frames) image; the stride may be smaller than the kernel (overlapping AST checkpoints)."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size,
+                                    stride=(config.frequency_stride, config.time_stride))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, frames, mels) -> (B, grid_f, grid_t, D)."""
+        if self.projection.stride == (self.patch_size, self.patch_size):
+            # Non-overlapping patches: the same convolution as one matmul, which is faster on CPUs.
+            grid_f = features.shape[2] // self.patch_size
+            weight = rearrange(self.projection.weight, "d 1 pf pt -> d (pf pt)")
+            tokens = F.linear(patchify(features, self.patch_size), weight, self.projection.bias)
+            return rearrange(tokens, "b (f t) d -> b f t d", f=grid_f)
+        image = rearrange(features, "b t f -> b 1 f t")
+        return rearrange(self.projection(image), "b d f t -> b f t d")
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, config.intermediate_size), nn.GELU(),
+                                 nn.Linear(config.intermediate_size, config.hidden_size))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class Backbone(nn.Module):
+    """Log-mel features (B, frames, mels) -> BackboneOutput; see the module docstring."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        grid_f, grid_t = config.grid(config.max_frames)
+        self.patch_embed = PatchEmbedding(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.token_position = nn.Parameter(torch.zeros(2, config.hidden_size))  # positions of cls and dist
+        self.grid_position = nn.Parameter(sincos_grid(grid_f, grid_t, config.hidden_size))
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.apply(init_weights)
+        nn.init.xavier_uniform_(rearrange(self.patch_embed.projection.weight, "d 1 pf pt -> d (pf pt)"))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.dist_token, std=0.02)
+
+    def grid(self, frames: int) -> tuple[int, int]:
+        """(freq patches, time patches) for an input of `frames` frames."""
+        return self.config.grid(frames)
+
+    def forward(self, features: Tensor, *, keep: Tensor | None = None) -> BackboneOutput:
+        """features (B, frames, mels); keep (B, K) indices into the frequency-major patch grid, or None for all."""
+        batch, frames, mels = features.shape
+        if mels != self.config.num_mel_bins or not self.config.patch_size <= frames <= self.config.max_frames:
+            raise ValueError(f"expected features (batch, {self.config.patch_size}..{self.config.max_frames} frames, "
+                             f"{self.config.num_mel_bins} mels), got {tuple(features.shape)}")
+        x = self.patch_embed(features)
+        x = x + self.grid_position[:, : x.shape[2]]
+        x = rearrange(x, "b f t d -> b (f t) d")
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        special = torch.cat([self.cls_token, self.dist_token], dim=1) + self.token_position
+        x = self.dropout(torch.cat([special.expand(batch, -1, -1), x], dim=1))
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return BackboneOutput(tokens=x[:, 2:], embedding=(x[:, 0] + x[:, 1]) / 2, hidden=x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform linear layers, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

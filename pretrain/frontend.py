@@ -1,0 +1,114 @@
+"""Waveforms -> normalised log-mel features on the training device, batched.
+
+The features are the ones transformers' `ASTFeatureExtractor` computes (Kaldi fbank through
+`torchaudio.compliance.kaldi.fbank`: 25 ms Hann window, 10 ms hop, DC removal, pre-emphasis 0.97,
+512-point power spectrum, 128 Kaldi mel bins from 20 Hz to Nyquist, natural log, no dither, no
+energy; then `(fbank - mean) / (2 * std)`), so a backbone trained here sees exactly what
+`AutoFeatureExtractor` gives its users. Kaldi's reference works on one waveform at a time on the
+CPU; this module does the same arithmetic on a (batch, samples) tensor wherever it lives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torchaudio.compliance.kaldi import get_mel_banks
+
+PREEMPHASIS = 0.97
+LOW_FREQ = 20.0
+LOG_FLOOR = torch.finfo(torch.float32).eps  # Kaldi's floor before the log
+
+
+@dataclass
+class FrontendConfig:
+    """Everything that defines the features; mean/std are AST's AudioSet statistics."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    mean: float = -4.2677393
+    std: float = 4.5689974
+
+    @property
+    def window_length(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
+    def fft_length(self) -> int:
+        return 1 << math.ceil(math.log2(self.window_length))
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames Kaldi makes with `snip_edges=True`: only whole windows, no padding."""
+        if num_samples < self.window_length:
+            return 0
+        return 1 + (num_samples - self.window_length) // self.hop_length
+
+
+class LogMel(nn.Module):
+    """(B, samples) waveform at `sample_rate` -> (B, frames, mels) normalised log-mel features."""
+
+    def __init__(self, *, config: FrontendConfig = FrontendConfig()) -> None:
+        super().__init__()
+        self.config = config
+        banks, _ = get_mel_banks(
+            config.num_mel_bins, config.fft_length, float(config.sample_rate), LOW_FREQ, 0.0, 100.0, -500.0, 1.0
+        )
+        banks = F.pad(banks, (0, 1))  # Kaldi's banks stop one bin short of Nyquist
+        self.register_buffer("mel_banks", rearrange(banks, "mel bin -> bin mel").contiguous(), persistent=False)
+        self.register_buffer("window", torch.hann_window(config.window_length, periodic=False), persistent=False)
+
+    def num_frames(self, num_samples: int) -> int:
+        return self.config.num_frames(num_samples)
+
+    def forward(self, waveform: Tensor) -> Tensor:
+        config = self.config
+        if waveform.shape[-1] < config.window_length:
+            raise ValueError(f"need at least {config.window_length} samples for one frame, got {waveform.shape[-1]}")
+        # Features stay in fp32 under bf16/fp16 autocast: the log of small mel energies needs the precision.
+        with torch.autocast(waveform.device.type, enabled=False):
+            frames = waveform.float().unfold(-1, config.window_length, config.hop_length)  # (B, frames, window)
+            frames = frames - frames.mean(dim=-1, keepdim=True)
+            previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+            frames = (frames - PREEMPHASIS * previous) * self.window
+            power = torch.fft.rfft(frames, n=config.fft_length).abs().square()
+            fbank = torch.matmul(power, self.mel_banks).clamp_min(LOG_FLOOR).log()
+            return (fbank - config.mean) / (2 * config.std)
+
+
+class SpecAugment(nn.Module):
+    """Random frequency and time stripes set to zero (the normalised mean), one draw per clip; a no-op in eval()."""
+
+    def __init__(self, *, freq_mask: int = 24, time_mask: int = 48, num_freq_masks: int = 2, num_time_masks: int = 2) -> None:
+        super().__init__()
+        self.freq_mask = freq_mask
+        self.time_mask = time_mask
+        self.num_freq_masks = num_freq_masks
+        self.num_time_masks = num_time_masks
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, frames, mels) -> the same with stripes masked."""
+        if not self.training:
+            return features
+        batch, frames, mels = features.shape
+        drop = stripes(batch, frames, self.time_mask, self.num_time_masks, features.device)[:, :, None]
+        drop = drop | stripes(batch, mels, self.freq_mask, self.num_freq_masks, features.device)[:, None, :]
+        return features.masked_fill(drop, 0.0)
+
+
+def stripes(batch: int, length: int, width: int, count: int, device: torch.device) -> Tensor:
+    """(batch, length) bool: `count` stripes per row, each of a uniform width in [0, width) at a uniform start."""
+    positions = torch.arange(length, device=device)
+    widths = (torch.rand(batch, count, 1, device=device) * min(width, length)).long()
+    starts = (torch.rand(batch, count, 1, device=device) * (length - widths + 1)).long()
+    inside = (positions >= starts) & (positions < starts + widths)
+    return inside.any(dim=1)
