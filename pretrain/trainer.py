@@ -1,0 +1,401 @@
+"""One Accelerate training loop for pretraining and fine-tuning.
+
+Pretraining (`pretrain.train`) and fine-tuning (`finetune`) differ only in the model, the loss and the
+data, so the loop lives here once: DDP on GPUs, nodes or CPU processes, bf16/fp16 autocast, gradient
+accumulation, clipping, AdamW with linear warmup and cosine decay, optional `torch.compile`, atomic
+checkpoints, exact resume, trackers and a progress bar.
+
+API
+---
+    config = TrainConfig(steps=1000, batch_size=32, lr=1.5e-4, ...)
+    model = train(
+        model=model,                      # nn.Module; DDP-wrapped by Accelerate
+        loss_fn=loss_fn,                  # (wrapped model, batch on device, step) -> (loss Tensor, {name: float})
+        batches=batches,                  # epoch -> iterable of this rank's batches (dicts of tensors/lists)
+        config=config, output_dir=Path("runs/x"),
+        tracking="none" | "wandb" | "tensorboard", run_name=None,
+        recipe=None,                      # dict, logged as the run config
+        resume=None | "auto" | "path/to/checkpoints/step-000100",
+        param_groups=None,                # AdamW groups, e.g. [{"params": [...], "lr": 1e-4}]; default: trainable params
+        export=None,                      # (unwrapped model, output_dir) -> None; main process; each checkpoint + end
+        images=None,                      # (unwrapped model, batch) -> {name: HxWx3 uint8}; main process; every image_every
+    )                                     # returns the unwrapped, trained model
+
+Conventions the callers rely on:
+- `steps` counts optimiser steps; one step consumes `grad_accum` batches from the stream. `batch_size` is not used by
+  the loop itself: it is the per-process batch size the caller's `batches` should yield (effective batch =
+  batch_size * grad_accum * processes), and it is what clips/s is computed from (the first dimension of the first
+  tensor in each batch).
+- `loss_fn` must call the model through `model(...)` (not a submodule) so DDP synchronises gradients, and it must run
+  the same collectives on every rank. Tensors in the batch are moved to the device; other values are left alone.
+  Logged names should be the same on every step (values are rank 0's averages over each `log_every` interval).
+- `batches(epoch)` must give every rank the same number of batches (the shards loader does); when an epoch runs
+  out, the loop continues with `batches(epoch + 1)`. Resume re-creates the interrupted epoch and skips the batches
+  already consumed, so a deterministic loader resumes at exactly the same sample.
+- The learning rate of every param group follows `lr_factor(step)` times its own `lr` (default `config.lr`).
+- `export` and `images` run on the main process only and must not use collectives. Before each `export` call the
+  loop writes `<output_dir>/trainer_state.json` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s",
+  "finished"}, which an export can put in a model card.
+- Checkpoints: `<output_dir>/checkpoints/step-000100/` (Accelerate `save_state` + `trainer_state.json` with the
+  schedule and data-stream position), written under a temporary name and renamed, so a kill during a save leaves
+  the previous checkpoint intact; the last `keep_checkpoints` are kept; a final one is written at the end.
+- `resume="auto"` continues from the newest complete checkpoint in `<output_dir>/checkpoints` (or starts fresh when
+  there is none); model, optimiser, schedule, RNG states and data position are restored.
+- DDP uses `find_unused_parameters=True`, so objectives may leave parameters without gradient on some steps.
+- Tracking: `wandb` runs offline when no WANDB_API_KEY is set (files under `<output_dir>/wandb`), `tensorboard`
+  writes to `<output_dir>/tensorboard`; images are also written as PNG to `<output_dir>/images/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shards.errors import UserError
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+TRACKERS = ("none", "wandb", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings shared by pretraining and fine-tuning recipes."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still logged)
+    precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    image_every: int = 0  # 0 disables images
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"precision must be no, bf16 or fp16; got {self.precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1; got {self.keep_checkpoints}")
+
+
+def lr_factor(step: int, *, warmup_steps: int, steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchStream:
+    """Endless batches over consecutive epochs that knows its position (epoch, batches consumed in it)."""
+
+    def __init__(self, batches: Callable[[int], Iterable[dict]], *, epoch: int = 0, consumed: int = 0) -> None:
+        self.batches = batches
+        self.epoch = epoch
+        self.consumed = consumed
+        self.iterator: Iterator[dict] | None = None
+
+    def restore(self) -> None:
+        """Re-create the current epoch and skip what was consumed, without disturbing the global RNG."""
+        states = _rng_states()
+        self.iterator = iter(self.batches(self.epoch))
+        for index in range(self.consumed):
+            if next(self.iterator, None) is None:
+                raise UserError(
+                    f"resume: epoch {self.epoch} now yields only {index} batches but the checkpoint consumed "
+                    f"{self.consumed}; resume with the same data and batch settings"
+                )
+        _set_rng_states(states)
+
+    def __next__(self) -> dict:
+        while True:
+            if self.iterator is None:
+                self.iterator = iter(self.batches(self.epoch))
+            batch = next(self.iterator, None)
+            if batch is not None:
+                self.consumed += 1
+                return batch
+            if self.consumed == 0:
+                raise UserError(f"training data: epoch {self.epoch} yielded no batches; check data.shards")
+            self.epoch, self.consumed, self.iterator = self.epoch + 1, 0, None
+
+
+def train(
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, float]]],
+    batches: Callable[[int], Iterable[dict]],
+    config: TrainConfig,
+    output_dir: Path,
+    tracking: str = "none",
+    run_name: str | None = None,
+    recipe: dict | None = None,
+    resume: str | None = None,
+    param_groups: list[dict] | None = None,
+    export: Callable[[nn.Module, Path], None] | None = None,
+    images: Callable[[nn.Module, dict], dict[str, np.ndarray]] | None = None,
+) -> nn.Module:
+    """Train `model` for `config.steps` optimiser steps; see the module docstring for the contract."""
+    if tracking not in TRACKERS:
+        raise UserError(f"tracking: unknown tracker {tracking!r}; use one of {', '.join(TRACKERS)}")
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    if tracking == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+    accelerator = Accelerator(
+        mixed_precision=config.precision,
+        dynamo_backend="inductor" if config.compile else "no",
+        log_with=None if tracking == "none" else tracking,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / tracking)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(config.seed, device_specific=True)
+    resume_from = _resume_path(resume, checkpoints)
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, stream = 0, BatchStream(batches)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        stream = BatchStream(batches, epoch=state["epoch"], consumed=state["consumed"])
+        stream.restore()
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    if tracking != "none":
+        accelerator.init_trackers(
+            run_name or output_dir.name or "timbre",
+            config=_flatten(recipe or {"train": vars(config)}),
+            init_kwargs={"wandb": _wandb_kwargs(output_dir, run_name, resume_from is not None)} if tracking == "wandb" else {},
+        )
+
+    progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    sums: dict[str, float] = defaultdict(float)
+    count, clips, last_time = 0, 0, time.perf_counter()
+    summary = {"logs": {}, "clips_per_s": 0.0}
+    saved_step = step if resume_from is not None else -1
+    model.train()
+    while step < config.steps:
+        for micro in range(config.grad_accum):
+            batch = send_to_device(next(stream), accelerator.device, non_blocking=True)
+            clips += _batch_size(batch) * accelerator.num_processes
+            sync = micro == config.grad_accum - 1
+            with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
+                loss, logs = loss_fn(model, batch, step)
+            accelerator.backward(loss / config.grad_accum)
+            sums["loss"] += float(loss.detach()) / config.grad_accum
+            for name, value in logs.items():
+                sums[name] += float(value) / config.grad_accum
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        sums["grad_norm"] += float(grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        count += 1
+        progress.update(1)
+
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - last_time
+            logs = {name: value / count for name, value in sums.items()}
+            logs["lr"] = schedule.get_last_lr()[0]
+            logs["clips_per_s"] = clips / max(elapsed, 1e-9)
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", clips_s=f"{logs['clips_per_s']:.1f}")
+            summary = {"logs": logs, "clips_per_s": logs["clips_per_s"]}
+            sums.clear()
+            count, clips, last_time = 0, 0, time.perf_counter()
+        if images is not None and config.image_every and step % config.image_every == 0:
+            if accelerator.is_main_process:
+                _log_images(accelerator, accelerator.unwrap_model(model), images, batch, step, output_dir)
+            accelerator.wait_for_everyone()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _checkpoint(accelerator, schedule, stream, step, checkpoints, config.keep_checkpoints)
+            saved_step = step
+            _export(accelerator, model, export, output_dir, step, config, stream, summary, step == config.steps)
+    progress.close()
+    if saved_step != step:  # resumed from a checkpoint at or past the last step
+        _export(accelerator, model, export, output_dir, step, config, stream, summary, True)
+    accelerator.end_training()
+    return accelerator.unwrap_model(model)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint in `checkpoints` (temporary, half-written ones are ignored)."""
+    found = []
+    for path in Path(checkpoints).glob("step-*"):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:
+    if resume in (None, "", "none", "no"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoints)
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(
+            f"{path}: not a complete training checkpoint (no trainer_state.json); "
+            f"pass resume=auto or a folder such as {checkpoints}/step-000100"
+        )
+    return path
+
+
+def _checkpoint(
+    accelerator: Accelerator, schedule: Any, stream: BatchStream, step: int, checkpoints: Path, keep: int
+) -> None:
+    """save_state into a temporary folder, then rename: a kill at any point leaves the last checkpoint usable."""
+    final = checkpoints / f"step-{step:06d}"
+    temporary = checkpoints / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": stream.epoch, "consumed": stream.consumed, "schedule": schedule.state_dict()}
+        (temporary / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        complete = sorted(p for p in checkpoints.glob("step-*") if CHECKPOINT_PATTERN.match(p.name))
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _export(
+    accelerator: Accelerator,
+    model: nn.Module,
+    export: Callable[[nn.Module, Path], None] | None,
+    output_dir: Path,
+    step: int,
+    config: TrainConfig,
+    stream: BatchStream,
+    summary: dict,
+    finished: bool,
+) -> None:
+    if accelerator.is_main_process:
+        state = {"step": step, "steps": config.steps, "epoch": stream.epoch, "finished": finished, **summary}
+        (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if export is not None:
+            export(accelerator.unwrap_model(model), output_dir)
+    accelerator.wait_for_everyone()
+
+
+def _log_images(
+    accelerator: Accelerator,
+    unwrapped: nn.Module,
+    images: Callable[[nn.Module, dict], dict[str, np.ndarray]],
+    batch: dict,
+    step: int,
+    output_dir: Path,
+) -> None:
+    from PIL import Image
+
+    was_training = unwrapped.training
+    unwrapped.eval()
+    with torch.no_grad():
+        pictures = images(unwrapped, batch)
+    unwrapped.train(was_training)
+    folder = output_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, picture in pictures.items():
+        Image.fromarray(picture).save(folder / f"step-{step:06d}-{name.replace('/', '-')}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({name: [picture] for name, picture in pictures.items()}, step=step)
+        elif tracker.name == "tensorboard":
+            for name, picture in pictures.items():
+                tracker.writer.add_image(name, picture, global_step=step, dataformats="HWC")
+
+
+def _wandb_kwargs(output_dir: Path, run_name: str | None, resumed: bool) -> dict:
+    """A stable run id stored next to the run, so a resumed run continues the same W&B run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    id_file = output_dir / "wandb-run-id"
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    kwargs = {"dir": str(output_dir), "id": id_file.read_text().strip(), "resume": "allow" if resumed else None}
+    if run_name:
+        kwargs["name"] = run_name
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested recipe -> flat {"a.b": scalar} that every tracker accepts as hyperparameters."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
