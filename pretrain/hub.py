@@ -1,0 +1,313 @@
+"""Backbones as Hugging Face folders that plain `transformers` loads as an `ASTModel`, and back.
+
+A folder holds `config.json` (an `ASTConfig`), `model.safetensors` (AST checkpoint naming, the one
+the public MIT checkpoints use; transformers 4 loads it as is and transformers 5 renames it on
+load), `preprocessor_config.json` (an `ASTFeatureExtractor` computing exactly Timbre's features,
+`max_length` = the backbone's `max_frames` so it does not pad a training-length clip) and a model
+card. Nothing needs `trust_remote_code`. `load_backbone` reads such folders, local or on the Hub,
+including AST checkpoints with overlapping patches (stride 10) and `ASTForAudioClassification`
+checkpoints (the classifier is dropped). Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.frontend import FrontendConfig
+from shards.errors import UserError
+
+MODEL_TYPE = "audio-spectrogram-transformer"
+CLASSIFIER_PREFIX = "audio_spectrogram_transformer."
+FOLDER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+# transformers 5 names -> AST checkpoint names (what `ast_state_dict` writes); applied in order.
+TRANSFORMERS5_NAMES = [
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+    (r"\.attention\.([qkv])_proj\.", lambda m: f".attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def ast_config_dict(config: BackboneConfig) -> dict:
+    """The `ASTConfig` fields that describe this backbone."""
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["ASTModel"],
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.dropout,
+        "initializer_range": 0.02,
+        "layer_norm_eps": config.layer_norm_eps,
+        "patch_size": config.patch_size,
+        "qkv_bias": True,
+        "frequency_stride": config.frequency_stride,
+        "time_stride": config.time_stride,
+        "max_length": config.max_frames,
+        "num_mel_bins": config.num_mel_bins,
+    }
+
+
+def feature_extractor_dict(config: BackboneConfig) -> dict:
+    """An `ASTFeatureExtractor` configuration that reproduces `pretrain.frontend.LogMel` for this backbone."""
+    frontend = config.frontend
+    if (frontend.frame_length_ms, frontend.frame_shift_ms) != (25.0, 10.0):
+        raise ValueError("ASTFeatureExtractor only computes 25 ms windows with a 10 ms hop; "
+                         f"this frontend uses {frontend.frame_length_ms} ms / {frontend.frame_shift_ms} ms")
+    return {
+        "feature_extractor_type": "ASTFeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": frontend.sample_rate,
+        "num_mel_bins": frontend.num_mel_bins,
+        "max_length": config.max_frames,
+        "padding_value": 0.0,
+        "do_normalize": True,
+        "mean": frontend.mean,
+        "std": frontend.std,
+        "return_attention_mask": False,
+    }
+
+
+def ast_state_dict(backbone: Backbone, *, prefix: str = "") -> dict[str, Tensor]:
+    """The backbone's weights under AST checkpoint names (`prefix` e.g. 'audio_spectrogram_transformer.')."""
+    model = backbone
+    weights = {
+        "embeddings.cls_token": model.cls_token,
+        "embeddings.distillation_token": model.dist_token,
+        "embeddings.position_embeddings": torch.cat(
+            [model.token_position[None], rearrange(model.grid_position, "f t d -> 1 (f t) d")], dim=1),
+        "embeddings.patch_embeddings.projection.weight": model.patch_embed.projection.weight,
+        "embeddings.patch_embeddings.projection.bias": model.patch_embed.projection.bias,
+        "layernorm.weight": model.norm.weight,
+        "layernorm.bias": model.norm.bias,
+    }
+    for i, block in enumerate(model.blocks):
+        layer = f"encoder.layer.{i}."
+        for name, part in zip(("query", "key", "value"), block.attention.qkv.weight.chunk(3)):
+            weights[f"{layer}attention.attention.{name}.weight"] = part
+        for name, part in zip(("query", "key", "value"), block.attention.qkv.bias.chunk(3)):
+            weights[f"{layer}attention.attention.{name}.bias"] = part
+        pairs = {"attention.output.dense": block.attention.proj, "intermediate.dense": block.mlp[0],
+                 "output.dense": block.mlp[2], "layernorm_before": block.norm1, "layernorm_after": block.norm2}
+        for name, module in pairs.items():
+            weights[f"{layer}{name}.weight"] = module.weight
+            weights[f"{layer}{name}.bias"] = module.bias
+    return {prefix + name: tensor.detach().float().cpu().contiguous() for name, tensor in weights.items()}
+
+
+def backbone_state_dict(weights: dict[str, Tensor], config: BackboneConfig) -> dict[str, Tensor]:
+    """Inverse of `ast_state_dict`: AST checkpoint names (either transformers generation) -> Backbone names."""
+    weights = {ast_name(name): tensor for name, tensor in weights.items()}
+    grid_f, grid_t = config.grid(config.max_frames)
+    positions = weights.pop("embeddings.position_embeddings")[0]
+    state = {
+        "cls_token": weights.pop("embeddings.cls_token"),
+        "dist_token": weights.pop("embeddings.distillation_token"),
+        "token_position": positions[:2],
+        "grid_position": rearrange(positions[2:], "(f t) d -> f t d", f=grid_f, t=grid_t),
+        "patch_embed.projection.weight": weights.pop("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.projection.bias": weights.pop("embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": weights.pop("layernorm.weight"),
+        "norm.bias": weights.pop("layernorm.bias"),
+    }
+    for i in range(config.num_layers):
+        layer, block = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            state[f"{block}attention.qkv.{kind}"] = torch.cat(
+                [weights.pop(f"{layer}attention.attention.{name}.{kind}") for name in ("query", "key", "value")])
+            pairs = {"attention.output.dense": "attention.proj", "intermediate.dense": "mlp.0",
+                     "output.dense": "mlp.2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+            for ast, ours in pairs.items():
+                state[f"{block}{ours}.{kind}"] = weights.pop(f"{layer}{ast}.{kind}")
+    if weights:
+        raise KeyError(f"unexpected weights {sorted(weights)[:5]}")
+    return state
+
+
+def ast_name(name: str) -> str:
+    """A weight name of ASTModel / ASTForAudioClassification in either transformers generation -> AST checkpoint name."""
+    name = name.removeprefix(CLASSIFIER_PREFIX)
+    for pattern, replacement in TRANSFORMERS5_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def save_pretrained(backbone: Backbone, directory: str | os.PathLike, *, card: dict | None = None) -> Path:
+    """Write the Hub folder (config, safetensors weights, feature extractor, model card); returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = backbone.config
+    write_json(directory / "config.json", ast_config_dict(config))
+    write_json(directory / "preprocessor_config.json", feature_extractor_dict(config))
+    save_file(ast_state_dict(backbone), directory / "model.safetensors", metadata={"format": "pt"})
+    model_card(config, card or {}).save(directory / "README.md")
+    return directory
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(config: BackboneConfig, card: dict) -> ModelCard:
+    """A model card from what the caller knows: data, objectives, recipe, steps, metrics (any may be missing)."""
+    data = ModelCardData(library_name="transformers", pipeline_tag="feature-extraction", license=card.get("license"),
+                         tags=["audio", "music", "instrument-recognition", "audio-spectrogram-transformer", "timbre"])
+    frontend = config.frontend
+    lines = [
+        f"# {card.get('name', 'Timbre spectrogram transformer')}",
+        "",
+        "A self-supervised audio spectrogram transformer backbone for musical-instrument recognition, "
+        "pretrained with Timbre and stored as a plain transformers `ASTModel`.",
+        "",
+        "## Model",
+        "",
+        f"- width {config.hidden_size}, depth {config.num_layers}, heads {config.num_heads}, MLP {config.intermediate_size}",
+        f"- {config.patch_size}x{config.patch_size} patches, stride {config.frequency_stride} (frequency) x "
+        f"{config.time_stride} (time), up to {config.max_frames} frames "
+        f"({(config.max_frames - 1) * frontend.frame_shift_ms / 1000 + frontend.frame_length_ms / 1000:.2f} s)",
+        f"- input: {frontend.num_mel_bins}-bin Kaldi log-mel at {frontend.sample_rate} Hz, "
+        f"normalised with mean {frontend.mean} and std {frontend.std} (the included feature extractor)",
+        "",
+    ]
+    for title, key in (("Data", "data"), ("Objectives", "objectives"), ("Training", "steps"), ("Metrics", "metrics")):
+        value = card.get(key)
+        if value is None:
+            continue
+        lines += [f"## {title}", ""]
+        if key == "steps":
+            lines.append(f"{value} optimisation steps.")
+        elif isinstance(value, dict):
+            lines += [f"- {name}: {item}" for name, item in value.items()]
+        elif isinstance(value, (list, tuple)):
+            lines += [f"- {item}" for item in value]
+        else:
+            lines.append(str(value))
+        lines.append("")
+    if card.get("recipe") is not None:
+        recipe = card["recipe"] if isinstance(card["recipe"], str) else json.dumps(card["recipe"], indent=2, default=str)
+        lines += ["## Recipe", "", "```", recipe.rstrip(), "```", ""]
+    lines += [
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoFeatureExtractor, AutoModel",
+        "",
+        'extractor = AutoFeatureExtractor.from_pretrained("REPO")',
+        'model = AutoModel.from_pretrained("REPO")',
+        f"inputs = extractor(waveform, sampling_rate={frontend.sample_rate}, return_tensors=\"pt\")  # mono float waveform",
+        "embedding = model(**inputs).pooler_output  # (batch, hidden)",
+        "```",
+        "",
+        "With Timbre: `pretrain.hub.load_backbone(\"REPO\")`, or "
+        "`python -m pretrain embed REPO song.wav --out embeddings.npz`.",
+        "",
+    ]
+    text = "\n".join(lines).replace("REPO", card.get("repo_id", "PATH_OR_REPO_ID"))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def resolve(path_or_repo_id: str) -> Path:
+    """A local folder as is; otherwise the Hub snapshot of the repository's config, preprocessor and safetensors files."""
+    if Path(path_or_repo_id).is_dir():
+        return Path(path_or_repo_id)
+    if Path(path_or_repo_id).exists() or path_or_repo_id.count("/") > 1 or path_or_repo_id.startswith((".", "/", "~")):
+        raise UserError(f"{path_or_repo_id}: not a model folder; pass a folder with config.json and model.safetensors, "
+                        "or a Hub id like MIT/ast-finetuned-audioset-10-10-0.4593")
+    try:
+        return Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except LocalEntryNotFoundError:
+        raise UserError(f"{path_or_repo_id}: not a local folder and not in the Hub cache while offline; "
+                        "unset HF_HUB_OFFLINE or download it first") from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise UserError(f"{path_or_repo_id}: cannot fetch it from the Hugging Face Hub ({type(error).__name__}); "
+                        "check the id, your network and `hf auth login` for private repositories") from None
+
+
+def load_backbone(path_or_repo_id: str | os.PathLike) -> Backbone:
+    """A Backbone from a Timbre folder or any AST checkpoint (folder or Hub id), weights from safetensors only."""
+    directory = resolve(str(path_or_repo_id))
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing; a backbone folder needs config.json and model.safetensors "
+                        "(write one with pretrain.hub.save_pretrained)")
+    ast = json.loads(config_path.read_text())
+    if ast.get("model_type") != MODEL_TYPE:
+        raise UserError(f"{config_path}: model_type is {ast.get('model_type')!r}, not {MODEL_TYPE!r}; "
+                        "pass an audio spectrogram transformer checkpoint")
+    if ast.get("hidden_act", "gelu") != "gelu" or not ast.get("qkv_bias", True) or not isinstance(ast.get("patch_size", 16), int):
+        raise UserError(f"{config_path}: only AST models with gelu, qkv biases and square patches load into Timbre")
+    weight_files = sorted(directory.glob("*.safetensors"))
+    if not weight_files:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise UserError(f"{directory}: no .safetensors weights (found {found}); Timbre loads safetensors only, "
+                        "convert the checkpoint with transformers' save_pretrained(safe_serialization=True)")
+    preprocessor_path = directory / "preprocessor_config.json"
+    extractor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else {}
+    frontend = FrontendConfig(sample_rate=extractor.get("sampling_rate", 16000),
+                              num_mel_bins=extractor.get("num_mel_bins", ast.get("num_mel_bins", 128)),
+                              mean=extractor.get("mean", FrontendConfig.mean), std=extractor.get("std", FrontendConfig.std))
+    config = BackboneConfig(
+        hidden_size=ast.get("hidden_size", 768), num_layers=ast.get("num_hidden_layers", 12),
+        num_heads=ast.get("num_attention_heads", 12), intermediate_size=ast.get("intermediate_size", 3072),
+        patch_size=ast.get("patch_size", 16), frequency_stride=ast.get("frequency_stride", 10),
+        time_stride=ast.get("time_stride", 10), num_mel_bins=ast.get("num_mel_bins", 128),
+        max_frames=ast.get("max_length", 1024), layer_norm_eps=ast.get("layer_norm_eps", 1e-12),
+        dropout=ast.get("hidden_dropout_prob", 0.0), frontend=frontend)
+    weights = {}
+    for path in weight_files:
+        weights.update({name: tensor for name, tensor in load_file(path).items()
+                        if not name.startswith("classifier.")})
+    backbone = Backbone(config)
+    try:
+        state = backbone_state_dict(weights, config)
+        backbone.load_state_dict(state)
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"{weight_files[0]}: weights do not match {config_path.name} "
+                        f"({str(error).splitlines()[0][:200]}); re-export the folder") from None
+    return backbone.eval()
+
+
+def publish(directory: str | os.PathLike, repo_id: str, *, private: bool = False, dry_run: bool = False,
+            token: str | None = None) -> list[str]:
+    """Upload a backbone folder as one commit (creating the repository); returns the uploaded paths.
+
+    `dry_run` only lists them. Without a token (argument, HF_TOKEN or `hf auth login`) it stops with a UserError.
+    """
+    directory = Path(directory)
+    for name in FOLDER_FILES:
+        if not (directory / name).is_file():
+            raise UserError(f"{directory / name}: missing; publish a folder written by save_pretrained "
+                            "(a training run's export/ folder)")
+    files = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*")
+                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts))
+    if dry_run:
+        return files
+    token = token or get_token()
+    if not token:
+        raise UserError(f"{directory}: no Hugging Face token to publish with; run `hf auth login` or set HF_TOKEN")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(repo_id, repo_type="model", commit_message="Upload Timbre backbone",
+                          operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=directory / name)
+                                      for name in files])
+    except HfHubHTTPError as error:
+        raise UserError(f"{repo_id}: the Hub refused the upload ({str(error).splitlines()[0]}); "
+                        "check the repository id and that your token can write to it") from None
+    return files
