@@ -1,0 +1,52 @@
+"""`python -m pretrain RECIPE.yaml [key=value ...]`, `python -m pretrain embed ...`, `python -m pretrain publish ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shards.errors import run_cli
+
+USAGE = """usage:
+  python -m pretrain RECIPE.yaml [key=value ...]        pretrain a backbone (under accelerate launch too)
+  python -m pretrain embed BACKBONE AUDIO_OR_SHARDS... --out FILE.npz
+  python -m pretrain publish DIR --repo-id USER/NAME [--private] [--dry-run]"""
+
+
+def publish_main(argv: list[str]) -> int:
+    """Upload a backbone folder to the Hugging Face Hub as one commit."""
+    from pretrain.hub import publish
+
+    parser = argparse.ArgumentParser(prog="python -m pretrain publish", description=publish_main.__doc__)
+    parser.add_argument("directory", help="folder written by save_pretrained (a run's export/ folder)")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub; created when missing")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--dry-run", action="store_true", help="only list the files that would be uploaded")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    args = parser.parse_args(argv)
+    files = publish(args.directory, args.repo_id, private=args.private, dry_run=args.dry_run, token=args.token)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to https://huggingface.co/{args.repo_id}:")
+    for name in files:
+        print(f"  {name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "embed":
+        from pretrain.embed import main as embed_main
+
+        return embed_main(argv[1:])
+    if argv[0] == "publish":
+        return publish_main(argv[1:])
+    from pretrain.train import main as train_main
+
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main)
