@@ -1,0 +1,552 @@
+"""Shards -> training batches and evaluation samples, with the same numbers of batches on every rank.
+
+`train_batches` streams WebDataset shards (a split directory, an OUTDIR holding one split, local paths or
+brace patterns, `pipe:` commands and fsspec URLs such as `s3://...`) through an explicit node splitter and
+worker splitter, a seeded shuffle buffer, FLAC decoding with soundfile, random crops (or zero padding) to a
+fixed length, optional on-the-fly polyphonic mixing and contrastive views, and collates fixed-size batches.
+
+Why the epoch plan looks the way it does: under DDP every rank must run the same number of steps, or the
+rank that runs out first leaves the others waiting in an all-reduce forever. So each rank (and each
+DataLoader worker) reads an endless, deterministic stream -- shards split round-robin over an endless
+sequence of seeded shard permutations when there are at least as many shards as readers, otherwise every
+reader sees all shards and keeps every n-th sample -- and the stream is cut to exactly
+`batches_per_epoch` batches. The shard permutations depend only on (seed, epoch), so all ranks agree on
+the split; everything random after that is seeded by (seed, epoch, rank, worker), so an epoch can be
+replayed batch for batch (the trainer relies on this to resume mid-epoch).
+
+`eval_samples` yields every sample exactly once across ranks, full length, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import random
+import tarfile
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import count, islice
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import fsspec
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+import webdataset as wds
+from einops import rearrange
+
+from shards import vocab
+from shards.errors import UserError
+
+PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
+MIX_GAIN_DB = (-6.0, 0.0)  # random gain of each clip in a mixture, after matching loudness to the first clip
+MIX_POOL = 32  # recent clips that mixing partners are drawn from
+PEAK = 0.99  # mixtures louder than this are scaled down, never clipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the shards are
+
+
+def shard_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand a shard spec into an ordered list of URLs that webdataset can open.
+
+    Accepts a split directory (`OUTDIR/train`), an OUTDIR that holds a single split, a `.tar` path, a brace
+    pattern (`shards/shard-{000000..000009}.tar`) or glob, a `pipe:` command, an fsspec URL (`s3://bucket/train/`),
+    or a list of any of these.
+    """
+    specs = [os.fspath(spec)] if isinstance(spec, (str, os.PathLike)) else [os.fspath(s) for s in spec]
+    if not specs:
+        raise UserError(f"no shards given; {PACK_HINT}")
+    urls = [url for item in specs for url in _expand(item)]
+    if not urls:
+        raise UserError(f"{' '.join(specs)}: no shards found; {PACK_HINT}")
+    return urls
+
+
+def _expand(spec: str) -> list[str]:
+    if not spec.strip():
+        raise UserError(f"empty shard path; {PACK_HINT}")
+    if spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    urls = []
+    for item in braceexpand.braceexpand(spec):
+        fs, path = fsspec.core.url_to_fs(item)
+        local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        paths = _resolve(fs, path, shown=item)
+        urls.extend(paths if local else [fs.unstrip_protocol(p) for p in paths])
+    return urls
+
+
+def _resolve(fs: fsspec.AbstractFileSystem, path: str, *, shown: str) -> list[str]:
+    """The shard files that one path stands for: a directory's shards, a glob's matches, or the file itself."""
+    if glob.has_magic(path):
+        found = sorted(p for p in fs.glob(path) if _is_shard(p))
+        if not found:
+            raise UserError(f"{shown}: matches no shard (*.tar); {PACK_HINT}")
+        return found
+    if fs.isdir(path):
+        direct = sorted(p for p in fs.glob(f"{path.rstrip('/')}/*.tar") if _is_shard(p))
+        if direct:
+            return direct
+        splits: dict[str, list[str]] = {}
+        for p in sorted(fs.glob(f"{path.rstrip('/')}/*/*.tar")):
+            if _is_shard(p):
+                splits.setdefault(p.rsplit("/", 2)[-2], []).append(p)
+        if len(splits) == 1:
+            return next(iter(splits.values()))
+        if splits:
+            names = ", ".join(sorted(splits))
+            first = f"{shown.rstrip('/')}/{'train' if 'train' in splits else sorted(splits)[0]}"
+            raise UserError(f"{shown}: holds several splits ({names}); pass one split directory, e.g. {first}")
+        raise UserError(f"{shown}: no shards (*.tar) in this directory; {PACK_HINT}")
+    if fs.exists(path):
+        return [path]
+    raise UserError(f"{shown}: no such shard file or directory; {PACK_HINT}")
+
+
+def _is_shard(path: str) -> bool:
+    """A finished shard: pack writes under a hidden temporary name and renames when the shard is complete."""
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".tar") and not name.startswith(".")
+
+
+def _open(url: str) -> Any:
+    """A binary stream for a shard: local paths and `pipe:` through webdataset's gopen, the rest through fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file", "pipe") or len(scheme) == 1:
+        return wds.gopen(url)
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as error:
+        raise UserError(f"{url}: {error}") from None
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    """The raw samples ({'__key__', 'flac', 'json'}) of one shard, read by webdataset's tar reader."""
+    stream = _open(url)
+    try:
+        files = wds.tariterators.tar_file_expander([dict(url=url, stream=stream)])
+        yield from wds.tariterators.group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def sample_count(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> int:
+    """Number of samples in the shards of `spec` (from the pack manifest where there is one)."""
+    return sum(_shard_counts(shard_urls(spec)))
+
+
+def _shard_counts(urls: list[str]) -> list[int]:
+    """Samples per shard: the manifest written by pack when it lists the shard, else a scan of the tar headers."""
+    known = _manifest_counts(urls)
+    return [known[url] if url in known else _scan_count(url) for url in urls]
+
+
+def _manifest_counts(urls: list[str]) -> dict[str, int]:
+    """Per-shard counts from `OUTDIR/manifest.json` next to each split directory, keyed like `urls`."""
+    counts: dict[str, int] = {}
+    for outdir in {url.rsplit("/", 2)[0] for url in urls if url.count("/") >= 2 and not url.startswith("pipe:")}:
+        try:
+            with fsspec.open(f"{outdir}/manifest.json", "rt") as stream:
+                shards = json.load(stream).get("shards", [])
+        except (OSError, ValueError, ImportError, AttributeError):
+            continue
+        for shard in shards:
+            if isinstance(shard, dict) and "path" in shard and "count" in shard:
+                counts[f"{outdir}/{shard['path']}"] = int(shard["count"])
+    return counts
+
+
+def _scan_count(url: str) -> int:
+    """Count samples by reading only the tar headers (a local file is seeked over, a stream read through)."""
+    keys = set()
+    stream = _open(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r:" if hasattr(stream, "seek") and stream.seekable() else "r|") as tar:
+            for member in tar:
+                key, _ = wds.tariterators.base_plus_ext(member.name)
+                if member.isreg() and key is not None:
+                    keys.add(key)
+    except tarfile.TarError as error:
+        raise UserError(f"{url}: not a readable shard ({error}); run `python -m shards verify OUTDIR`") from None
+    finally:
+        stream.close()
+    return len(keys)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Who reads what
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) as given, else from torch.distributed when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = rank if rank is not None else (torch.distributed.get_rank() if ready else 0)
+        world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if ready else 1)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world_size {world_size}; pass 0 <= rank < world_size")
+    return rank, world_size
+
+
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader process running this code; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One rank's epoch: the shards and their sizes, who this rank is, and how many batches it makes."""
+
+    urls: tuple[str, ...]  # shards in a fixed order
+    counts: tuple[int, ...]  # samples in each
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    batches: int  # this rank's batches in the epoch, over all its workers
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def chunk(self) -> int:
+        """Run of consecutive samples dealt to one rank at a time: one rank's share of an epoch."""
+        return math.ceil(self.samples / self.world_size)
+
+    def rng(self, stage: str) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{_worker()[0]}:{stage}")
+
+
+def _endless_shards(plan: _Plan) -> Iterator[dict]:
+    """Seeded shard permutations one after another, each shard with the index of its first sample in this endless
+    sample sequence; identical on every rank and worker, so all of them agree on who reads what."""
+    start = 0
+    for repeat in count():
+        order = list(range(len(plan.urls)))
+        random.Random(f"{plan.seed}:{plan.epoch}:{repeat}").shuffle(order)
+        for i in order:
+            yield dict(url=plan.urls[i], start=start, count=plan.counts[i])
+            start += plan.counts[i]
+
+
+def _split_by_rank(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
+    """Node splitter: runs of `chunk` samples of the endless sequence go to ranks in turn; a rank keeps the shards
+    holding any of its samples (and which ones). Every rank gets an endless stream, whole shards where shards
+    are larger than a rank's share, single samples where there are fewer samples than ranks."""
+    for shard in src:
+        picks = [g for g in range(shard["start"], shard["start"] + shard["count"]) if _owner(g, plan.chunk, plan.world_size) == plan.rank]
+        if picks:
+            yield dict(shard, picks=picks)
+
+
+def _split_by_worker(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
+    """Worker splitter: the same dealing again inside this rank's own sample sequence, in runs of chunk/workers."""
+    worker, workers = _worker()
+    run = math.ceil(plan.chunk / workers)
+    for shard in src:
+        picks = [g for g in shard["picks"] if _owner(_local(g, plan.chunk, plan.world_size), run, workers) == worker]
+        if picks:
+            yield dict(shard, picks=picks)
+
+
+def _owner(index: int, run: int, readers: int) -> int:
+    return (index // run) % readers
+
+
+def _local(index: int, run: int, readers: int) -> int:
+    """Position of global sample `index` in its owner's own sequence."""
+    return (index // (run * readers)) * run + index % run
+
+
+def _read(src: Iterator[dict]) -> Iterator[dict]:
+    """The picked samples of each shard, checking that the shard holds as many samples as it was counted with."""
+    for shard in src:
+        picks, seen = set(shard["picks"]), 0
+        for sample in _tar_samples(shard["url"]):
+            if shard["start"] + seen in picks:
+                yield sample
+            seen += 1
+        if seen != shard["count"]:
+            raise UserError(
+                f"{shard['url']}: holds {seen} samples, the manifest says {shard['count']}; "
+                "run `python -m shards verify OUTDIR` and re-pack"
+            )
+
+
+def _shuffle(src: Iterator[dict], *, plan: _Plan, buffer: int) -> Iterator[dict]:
+    """webdataset's shuffle buffer, with an rng made per worker at iteration time so replays are identical.
+
+    The buffer never exceeds one reader's share of the data: the stream repeats, and a larger buffer would
+    fill up with second copies of the same clips before the first batch.
+    """
+    buffer = min(buffer, math.ceil(plan.chunk / _worker()[1]))
+    if buffer <= 1:
+        return src
+    return wds.shuffle(buffer, buffer, rng=plan.rng("shuffle"))(src)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples -> examples
+
+
+@dataclass
+class _Example:
+    """A decoded training clip: audio (views, samples) plus the labels that mixing combines."""
+
+    audio: np.ndarray
+    instruments: frozenset[str]
+    genre: int
+    labelled: bool
+    key: str
+    song: str
+
+
+def _metadata(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"])
+        vocab.parse_instruments(meta.get("instruments") or [])
+        vocab.genre_index(meta.get("genre"))
+    except KeyError as error:
+        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} lacks {error}; re-pack the shards") from None
+    except (ValueError, vocab.UnknownLabel) as error:
+        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error}; re-pack the shards") from None
+    if "flac" not in sample:
+        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no .flac; re-pack the shards")
+    return meta
+
+
+def _mono(frames: np.ndarray, rate: int, sample_rate: int) -> torch.Tensor:
+    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`."""
+    audio = torch.from_numpy(frames).mean(dim=1)
+    if rate != sample_rate:
+        audio = torchaudio.functional.resample(audio, rate, sample_rate)
+    return audio
+
+
+def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
+    """`views` random crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
+
+    Only the cropped frames are decoded: FLAC is seekable, so a 3 s crop of a long song costs 3 s of decoding.
+    """
+    length = round(seconds * sample_rate)
+    out = np.zeros((views, length), dtype=np.float32)
+    with soundfile.SoundFile(io.BytesIO(flac)) as audio:
+        rate, frames = audio.samplerate, audio.frames
+        need = math.ceil(seconds * rate)
+        for view in range(views):
+            audio.seek(rng.randint(0, frames - need) if frames > need else 0)
+            clip = _mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
+            clip = clip.numpy()[:length]
+            offset = rng.randint(0, length - len(clip)) if frames < need else 0
+            out[view, offset : offset + len(clip)] = clip
+    return out
+
+
+def _examples(src: Iterator[dict], *, plan: _Plan, seconds: float, sample_rate: int, views: int) -> Iterator[_Example]:
+    rng = plan.rng("crop")
+    for sample in src:
+        meta = _metadata(sample)
+        instruments = frozenset(meta.get("instruments") or ())
+        yield _Example(
+            audio=_crops(sample["flac"], seconds=seconds, sample_rate=sample_rate, views=views, rng=rng),
+            instruments=instruments,
+            genre=vocab.genre_index(meta.get("genre")),
+            labelled=bool(instruments),
+            key=sample["__key__"],
+            song=str(meta.get("song", sample["__key__"])),
+        )
+
+
+def _mixable(a: _Example, b: _Example, *, same_genre: bool) -> bool:
+    """Labelled clips mix only with labelled ones (a mixture's labels must be complete), same song never."""
+    if a.labelled != b.labelled or a.song == b.song:
+        return False
+    return not same_genre or (a.genre >= 0 and a.genre == b.genre)
+
+
+def _mix_examples(parts: Sequence[_Example], rng: random.Random) -> _Example:
+    """Sum clips into one polyphonic example labelled with the union of their instruments.
+
+    Each clip is brought to the loudness of the first, given a random gain in MIX_GAIN_DB, and the sum is
+    scaled down if its peak would exceed PEAK, so no mixture clips and none is dominated by a loud recording.
+    """
+    reference = math.sqrt(float(np.mean(parts[0].audio**2)))
+    audio = np.zeros_like(parts[0].audio)
+    for part in parts:
+        level = math.sqrt(float(np.mean(part.audio**2)))
+        match = reference / level if level > 1e-4 and reference > 1e-4 else 1.0
+        audio += part.audio * (match * 10 ** (rng.uniform(*MIX_GAIN_DB) / 20))
+    peak = float(np.abs(audio).max())
+    if peak > PEAK:
+        audio *= PEAK / peak
+    genres = {part.genre for part in parts}
+    return _Example(
+        audio=audio,
+        instruments=frozenset().union(*(part.instruments for part in parts)),
+        genre=genres.pop() if len(genres) == 1 else -1,
+        labelled=parts[0].labelled,
+        key="+".join(part.key for part in parts),
+        song="+".join(part.song for part in parts),
+    )
+
+
+def _mix(
+    src: Iterator[_Example], *, plan: _Plan, mix_max: int, probability: float, same_genre: bool
+) -> Iterator[_Example]:
+    """With `probability`, mix each clip with 1..mix_max-1 recent clips, all mutually compatible (no song twice)."""
+    rng = plan.rng("mix")
+    pool: deque[_Example] = deque(maxlen=MIX_POOL)
+    for example in src:
+        out = example
+        if mix_max >= 2 and rng.random() < probability:
+            parts, size = [example], rng.randint(2, mix_max)
+            for other in rng.sample(list(pool), len(pool)):
+                if len(parts) < size and all(_mixable(part, other, same_genre=same_genre) for part in parts):
+                    parts.append(other)
+            if len(parts) > 1:
+                out = _mix_examples(parts, rng)
+        pool.append(example)
+        yield out
+
+
+def _collate(examples: list[_Example]) -> dict:
+    audio = torch.from_numpy(np.stack([e.audio for e in examples]))
+    return dict(
+        audio=rearrange(audio, "b 1 s -> b s") if audio.shape[1] == 1 else audio,
+        targets=torch.from_numpy(np.stack([vocab.multi_hot(e.instruments) for e in examples])),
+        families=torch.from_numpy(np.stack([vocab.family_multi_hot(e.instruments) for e in examples])),
+        genre=torch.tensor([e.genre for e in examples], dtype=torch.int64),
+        labelled=torch.tensor([e.labelled for e in examples], dtype=torch.bool),
+        key=[e.key for e in examples],
+        song=[e.song for e in examples],
+    )
+
+
+def _quota(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
+    """This worker's share of the rank's batches: the DataLoader interleaves workers, the total is exact."""
+    worker, workers = _worker()
+    return islice(src, plan.batches // workers + (worker < plan.batches % workers))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def train_batches(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    batch_size: int,
+    clip_seconds: float = 3.0,
+    sample_rate: int = 16000,
+    mix_max: int = 1,
+    mix_probability: float = 0.5,
+    same_genre_mix: bool = False,
+    views: int = 1,
+    shuffle_buffer: int = 512,
+    batches_per_epoch: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Iterable[dict]:
+    """One epoch of training batches for this rank: exactly `batches_per_epoch` of them on every rank.
+
+    The default epoch is ceil(samples / (batch_size * world_size)) batches, so each sample is seen about
+    once per epoch over all ranks. Batches hold `audio` float32 (B, S) -- (B, views, S) when views > 1 --,
+    `targets` (B, 11) and `families` (B, 6) multi-hot float32, `genre` int64 (B,) (-1 unknown), `labelled`
+    bool (B,), `key` and `song` lists. Identical for the same (seed, epoch, rank, world_size) and
+    num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
+    it is a plain iterable dataset that may also be wrapped in `DataLoader(..., batch_size=None)`.
+    """
+    for name, value, least in (("batch_size", batch_size, 1), ("views", views, 1), ("mix_max", mix_max, 1)):
+        if value < least:
+            raise UserError(f"{name}={value}: must be at least {least}")
+    if clip_seconds <= 0 or sample_rate <= 0:
+        raise UserError(f"clip_seconds={clip_seconds}, sample_rate={sample_rate}: both must be positive")
+    rank, world_size = _distributed(rank, world_size)
+    urls = shard_urls(spec)
+    counts = _shard_counts(urls)
+    total = sum(counts)
+    if total == 0:
+        raise UserError(f"{urls[0]}: the shards hold no samples; {PACK_HINT}")
+    if batches_per_epoch is None:
+        batches_per_epoch = math.ceil(total / (batch_size * world_size))
+    plan = _Plan(
+        urls=tuple(urls),
+        counts=tuple(counts),
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        batches=batches_per_epoch,
+    )
+    pipeline = wds.DataPipeline(
+        partial(_endless_shards, plan),
+        partial(_split_by_rank, plan=plan),
+        partial(_split_by_worker, plan=plan),
+        _read,
+        partial(_shuffle, plan=plan, buffer=shuffle_buffer),
+        partial(_examples, plan=plan, seconds=clip_seconds, sample_rate=sample_rate, views=views),
+        partial(_mix, plan=plan, mix_max=mix_max, probability=mix_probability, same_genre=same_genre_mix),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        partial(_quota, plan=plan),
+    )
+    if num_workers > 0:
+        pipeline = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    with warnings.catch_warnings():  # webdataset warns that a length does not size the epoch; _quota does
+        warnings.simplefilter("ignore", UserWarning)
+        return pipeline.with_length(batches_per_epoch)
+
+
+def eval_samples(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sample_rate: int | None = None,
+) -> Iterator[dict]:
+    """Every sample once across ranks (rank r gets samples r, r + world, ... in shard order), full length.
+
+    Splitting by sample rather than by shard keeps ranks within one sample of each other whatever the
+    shard sizes. Audio is mono float32 at the stored rate, or resampled to `sample_rate` when given.
+    """
+    rank, world_size = _distributed(rank, world_size)
+    urls = shard_urls(spec)
+    return _eval_stream(urls, rank=rank, world_size=world_size, sample_rate=sample_rate)
+
+
+def _eval_stream(urls: list[str], *, rank: int, world_size: int, sample_rate: int | None) -> Iterator[dict]:
+    samples = (sample for url in urls for sample in _tar_samples(url))
+    for sample in islice(samples, rank, None, world_size):
+        meta = _metadata(sample)
+        with soundfile.SoundFile(io.BytesIO(sample["flac"])) as audio:
+            rate = audio.samplerate
+            target = sample_rate or rate
+            waveform = _mono(audio.read(dtype="float32", always_2d=True), rate, target)
+        instruments = list(vocab.parse_instruments(meta.get("instruments") or []))
+        yield dict(
+            audio=waveform,
+            sample_rate=target,
+            targets=torch.from_numpy(vocab.multi_hot(instruments)),
+            families=torch.from_numpy(vocab.family_multi_hot(instruments)),
+            instruments=instruments,
+            genre=vocab.genre_index(meta.get("genre")),
+            labelled=bool(instruments),
+            key=sample["__key__"],
+            song=str(meta.get("song", sample["__key__"])),
+            path=str(meta.get("path", "")),
+        )
