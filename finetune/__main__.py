@@ -1,0 +1,41 @@
+"""`python -m finetune RECIPE.yaml [key=value ...]`, `... evaluate`, `... predict`, `... embed`."""
+
+from __future__ import annotations
+
+import sys
+
+from shards.errors import run_cli
+
+USAGE = """usage:
+  python -m finetune RECIPE.yaml [backbone=PATH_OR_HUB_ID] [key=value ...]   fine-tune (under accelerate launch too)
+  python -m finetune evaluate MODEL DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]
+  python -m finetune predict MODEL FILE... [--timeline] [--hop-seconds S]
+  python -m finetune embed MODEL DATA --out FILE.png [--method tsne|pca]
+
+MODEL is <output_dir>/model of a fine-tuning run; DATA is an IRMAS test folder or test shards."""
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "evaluate":
+        from finetune.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
+    if argv[0] == "embed":
+        from finetune.evaluate import embed_main
+
+        return embed_main(argv[1:])
+    if argv[0] == "predict":
+        from finetune.predict import main as predict_main
+
+        return predict_main(argv[1:])
+    from finetune.train import main as train_main
+
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main)

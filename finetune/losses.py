@@ -1,0 +1,70 @@
+"""Multi-label losses: BCE with per-class `pos_weight`, sigmoid focal loss, label smoothing.
+
+IRMAS-train is imbalanced (voice and guitars dominate), so `pos_weight` = negatives / positives per class, counted on
+the training labels, keeps rare instruments from being predicted absent by default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor
+
+from shards.loader import shard_urls
+from shards.vocab import multi_hot
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["bce", "focal"] = "bce"
+    pos_weight: bool = True  # per-class negatives/positives from the training labels
+    max_pos_weight: float = 10.0
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0  # targets move eps/2 towards the other side
+
+
+def label_counts(spec) -> tuple[np.ndarray, int]:
+    """(positives per instrument, number of samples) from the shards' json metadata, without decoding audio."""
+    dataset = wds.WebDataset(shard_urls(spec), shardshuffle=False, empty_check=False).to_tuple("json")
+    counts = np.zeros_like(multi_hot([]))
+    total = 0
+    for (metadata,) in dataset:
+        counts += multi_hot(json.loads(metadata)["instruments"])
+        total += 1
+    return counts, total
+
+
+def pos_weight_from_counts(counts: np.ndarray, total: int, *, maximum: float) -> Tensor:
+    """negatives / positives per class, clipped to [1/maximum, maximum]; classes never seen get `maximum`."""
+    positives = torch.as_tensor(counts, dtype=torch.float32)
+    weight = (total - positives) / positives.clamp_min(1.0)
+    weight = torch.where(positives > 0, weight, torch.tensor(maximum))
+    return weight.clamp(1 / maximum, maximum)
+
+
+class MultiLabelLoss(torch.nn.Module):
+    """logits (B, C), targets (B, C) in [0, 1] -> scalar loss."""
+
+    def __init__(self, *, config: LossConfig, pos_weight: Tensor | None = None):
+        super().__init__()
+        if config.kind not in ("bce", "focal"):
+            raise ValueError(f"loss.kind must be bce or focal; got {config.kind!r}")
+        self.config = config
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        logits = logits.float()
+        eps = self.config.label_smoothing
+        targets = targets * (1 - eps) + eps / 2
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight,
+                                                                   reduction="none")
+        if self.config.kind == "focal":
+            probability = torch.sigmoid(logits)
+            p_true = probability * targets + (1 - probability) * (1 - targets)
+            bce = bce * (1 - p_true).pow(self.config.focal_gamma)
+        return bce.mean()

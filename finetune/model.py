@@ -1,0 +1,304 @@
+"""The fine-tuned classifier, its model folder, and windowed inference over whole files of any length.
+
+A model folder (`<output_dir>/model/`) holds:
+- `backbone/`           the (LoRA-merged) backbone in the Hub format of `pretrain.hub` (plain AST, loadable alone)
+- `head.safetensors`    the classification head; `adapters.safetensors` for bottleneck-adapter models
+- `finetune.json`       labels, head and adaptation settings, clip length, hop, aggregation, thresholds, validation metrics
+- `thresholds.json`     per-instrument decision thresholds (tuned on the validation split)
+- `README.md`           model card
+- for a linear head on the pooled embedding without bottleneck adapters, also `config.json`, `model.safetensors` and
+  `preprocessor_config.json`: an `ASTForAudioClassification` folder (id2label = instrument names, problem_type
+  multi_label_classification, so transformers' audio-classification pipeline applies a sigmoid and gives Timbre's
+  probabilities on a clip of the training length).
+
+Inference cuts every file into windows of the training clip length with a hop (the last window is aligned to the end of
+the file; files shorter than one window are zero-padded, as the training loader pads short clips), runs the windows of
+many files together in batches, and aggregates window probabilities per file (mean or max).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone, scale_grad
+from finetune.heads import Head, HeadConfig
+from pretrain.backbone import Backbone, BackboneOutput
+from pretrain.frontend import LogMel, SpecAugment
+from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
+from shards.audio import convert, read_segments
+from shards.errors import UserError
+from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
+
+FORMAT = "timbre-finetune"
+AGGREGATES = ("mean", "max")
+
+
+class Classifier(nn.Module):
+    """Waveform (B, samples) -> instrument logits (B, classes); log-mel and SpecAugment run inside, on the device."""
+
+    def __init__(self, *, backbone: Backbone, head: HeadConfig, classes: int = len(INSTRUMENTS),
+                 adapters: nn.ModuleList | None = None, spec_augment: SpecAugment | None = None):
+        super().__init__()
+        self.frontend = LogMel(config=backbone.config.frontend)
+        self.spec_augment = spec_augment
+        self.backbone = backbone
+        self.adapters = adapters  # run by forward hooks on the backbone's blocks (see finetune.adapters)
+        self.head = Head(config=head, dim=backbone.hidden_size, classes=classes, eps=backbone.config.layer_norm_eps)
+
+    def encode(self, audio: Tensor) -> BackboneOutput:
+        features = self.frontend(audio)
+        if self.spec_augment is not None:
+            features = self.spec_augment(features)
+        return self.backbone(features)
+
+    def forward(self, audio: Tensor, *, backbone_grad: float = 1.0) -> Tensor:
+        """`backbone_grad` 0 during head-only warm-up: the backbone runs but receives zero gradient."""
+        output = self.encode(audio)
+        tokens, embedding = output.tokens, output.embedding
+        if backbone_grad != 1.0:
+            tokens, embedding = scale_grad(tokens, backbone_grad), scale_grad(embedding, backbone_grad)
+        return self.head(tokens, embedding)
+
+    def predict(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """(probabilities (B, classes), pooled embedding (B, D)) in eval mode."""
+        output = self.encode(audio)
+        logits = self.head(output.tokens, output.embedding)
+        return torch.sigmoid(logits.float()), output.embedding.float()
+
+
+def fit_backbone(backbone: Backbone, frames: int, *, source: str) -> Backbone:
+    """The backbone with its position grid cut to `frames`, so its Hub export has `max_length` = the training clip."""
+    config = backbone.config
+    if frames > config.max_frames:
+        raise UserError(f"{source}: the backbone takes at most {config.max_frames} frames but data.clip_seconds needs "
+                        f"{frames}; lower data.clip_seconds")
+    if frames == config.max_frames:
+        return backbone
+    fitted = Backbone(dataclasses.replace(config, max_frames=frames))
+    state = backbone.state_dict()
+    grid_t = fitted.grid_position.shape[1]
+    state["grid_position"] = state["grid_position"][:, :grid_t].clone()
+    fitted.load_state_dict(state)
+    return fitted
+
+
+@dataclass
+class ModelInfo:
+    """What `finetune.json` records next to the weights."""
+
+    labels: list[str]
+    head: HeadConfig
+    adapt: AdaptConfig
+    clip_seconds: float
+    sample_rate: int
+    hop_seconds: float
+    aggregate: str
+    thresholds: list[float]
+    validation: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+
+@dataclass
+class FinetunedModel:
+    """A loaded model folder: the classifier in eval mode plus everything needed to turn audio into decisions."""
+
+    classifier: Classifier
+    info: ModelInfo
+
+    @property
+    def window(self) -> int:
+        return round(self.info.clip_seconds * self.info.sample_rate)
+
+    def hop(self, hop_seconds: float | None = None) -> int:
+        return max(1, round((hop_seconds or self.info.hop_seconds) * self.info.sample_rate))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+
+def exportable(classifier: Classifier) -> bool:
+    """True when transformers' ASTForAudioClassification computes exactly this classifier."""
+    return classifier.head.exportable and classifier.adapters is None
+
+
+def save_model(classifier: Classifier, directory: Path, info: ModelInfo, *, card: dict | None = None) -> Path:
+    """Write the model folder (see the module docstring); LoRA is merged into a copy, the classifier is untouched."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backbone = merged_backbone(classifier.backbone).eval()
+    save_pretrained(backbone, directory / "backbone", card=card)
+    save_file(_contiguous(classifier.head.state_dict()), directory / "head.safetensors")
+    adapters = directory / "adapters.safetensors"
+    if classifier.adapters is not None:
+        save_file(_contiguous(classifier.adapters.state_dict()), adapters)
+    else:
+        adapters.unlink(missing_ok=True)
+    (directory / "finetune.json").write_text(json.dumps(dataclasses.asdict(info), indent=1) + "\n")
+    thresholds = dict(zip(info.labels, info.thresholds))
+    (directory / "thresholds.json").write_text(json.dumps(thresholds, indent=1) + "\n")
+    exported = ("config.json", "model.safetensors", "preprocessor_config.json")
+    if exportable(classifier):
+        _export_transformers(backbone, classifier.head, directory, info)
+    else:
+        for name in exported:
+            (directory / name).unlink(missing_ok=True)
+    (directory / "README.md").write_text(_model_card(info, exportable(classifier), card or {}))
+    return directory
+
+
+def _export_transformers(backbone: Backbone, head: Head, directory: Path, info: ModelInfo) -> None:
+    names = [INSTRUMENT_NAMES[code] for code in info.labels]
+    config = ast_config_dict(backbone.config)
+    config.update(architectures=["ASTForAudioClassification"], problem_type="multi_label_classification",
+                  id2label={str(i): name for i, name in enumerate(names)},
+                  label2id={name: i for i, name in enumerate(names)})
+    (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    state = dict(ast_state_dict(backbone, prefix="audio_spectrogram_transformer."))
+    state.update({f"classifier.{name}": value for name, value in head.classifier.state_dict().items()})
+    save_file(_contiguous(state), directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "preprocessor_config.json").write_text(json.dumps(feature_extractor_dict(backbone.config), indent=1) + "\n")
+
+
+def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value.detach().cpu().contiguous() for name, value in state.items()}
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None) -> FinetunedModel:
+    """Load a model folder written by `save_model`, in eval mode on `device` (default: CUDA when available)."""
+    path = Path(path)
+    meta_file = path / "finetune.json"
+    if not meta_file.is_file():
+        raise UserError(f"{path}: not a Timbre fine-tuned model folder (no finetune.json); pass <output_dir>/model "
+                        f"of a `python -m finetune RECIPE.yaml` run")
+    meta = json.loads(meta_file.read_text())
+    info = ModelInfo(**{**meta, "head": HeadConfig(**meta["head"]), "adapt": AdaptConfig(**meta["adapt"])})
+    backbone = load_backbone(str(path / "backbone"))
+    adapters = attach_adapters(backbone, info.adapt) if (path / "adapters.safetensors").is_file() else None
+    classifier = Classifier(backbone=backbone, head=info.head, classes=len(info.labels), adapters=adapters)
+    classifier.head.load_state_dict(load_file(path / "head.safetensors"))
+    if adapters is not None:
+        adapters.load_state_dict(load_file(path / "adapters.safetensors"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return FinetunedModel(classifier=classifier.to(device).eval(), info=info)
+
+
+def read_audio(path: str | Path, sample_rate: int) -> Tensor:
+    """Any file soundfile reads -> mono float32 (samples,) at `sample_rate`; raises shards.audio.BadAudio."""
+    _, block, rate = next(read_segments(path))
+    return torch.from_numpy(np.ascontiguousarray(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0]))
+
+
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+    """Window starts covering the whole file: every `hop`, plus one aligned to the end when the hop misses it."""
+    if num_samples <= window:
+        return [0]
+    starts = list(range(0, num_samples - window + 1, hop))
+    if starts[-1] + window < num_samples:
+        starts.append(num_samples - window)
+    return starts
+
+
+def cut_windows(audio: Tensor, window: int, hop: int) -> tuple[Tensor, list[int]]:
+    """(samples,) -> (windows, window) (zero-padded when shorter than one window) and the window starts."""
+    starts = window_starts(audio.shape[-1], window, hop)
+    if audio.shape[-1] < window:
+        audio = nn.functional.pad(audio, (0, window - audio.shape[-1]))
+    return torch.stack([audio[start : start + window] for start in starts]), starts
+
+
+@dataclass
+class FileResult:
+    """Window-level outputs of one file."""
+
+    probabilities: np.ndarray  # (windows, classes)
+    embeddings: np.ndarray  # (windows, D)
+    starts: list[float]  # seconds
+    duration: float  # seconds
+
+    def aggregate(self, how: str = "mean") -> np.ndarray:
+        """(classes,) file-level probabilities."""
+        if how not in AGGREGATES:
+            raise ValueError(f"aggregate must be mean or max; got {how!r}")
+        return self.probabilities.mean(axis=0) if how == "mean" else self.probabilities.max(axis=0)
+
+
+@torch.inference_mode()
+def infer(model: FinetunedModel, files: Iterable[tuple[Any, Tensor]], *, hop_seconds: float | None = None,
+          batch_size: int = 32) -> Iterator[tuple[Any, FileResult]]:
+    """(item, mono audio at the model's rate) -> (item, FileResult), windows of many files batched together.
+
+    Files come out in input order; at most about `batch_size` windows plus one file's windows are held at a time.
+    """
+    window, hop = model.window, model.hop(hop_seconds)
+    pending: list[tuple[Any, Tensor, list[int], float]] = []
+    count = 0
+    for item, audio in files:
+        windows, starts = cut_windows(audio, window, hop)
+        pending.append((item, windows, starts, audio.shape[-1] / model.info.sample_rate))
+        count += len(starts)
+        if count >= batch_size:
+            yield from _run(model, pending, batch_size)
+            pending, count = [], 0
+    yield from _run(model, pending, batch_size)
+
+
+def _run(model: FinetunedModel, pending: list, batch_size: int) -> Iterator[tuple[Any, FileResult]]:
+    if not pending:
+        return
+    windows = torch.cat([entry[1] for entry in pending])
+    probabilities, embeddings = [], []
+    for chunk in windows.split(batch_size):
+        p, e = model.classifier.predict(chunk.to(model.device))
+        probabilities.append(p.cpu())
+        embeddings.append(e.cpu())
+    probabilities = torch.cat(probabilities).numpy()
+    embeddings = torch.cat(embeddings).numpy()
+    offset = 0
+    rate = model.info.sample_rate
+    for item, file_windows, starts, duration in pending:
+        end = offset + len(starts)
+        yield item, FileResult(probabilities=probabilities[offset:end], embeddings=embeddings[offset:end],
+                               starts=[start / rate for start in starts], duration=duration)
+        offset = end
+
+
+def _model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> str:
+    names = ", ".join(f"{code} ({INSTRUMENT_NAMES[code]})" for code in info.labels)
+    thresholds = "\n".join(f"| {code} | {value:.3f} |" for code, value in zip(info.labels, info.thresholds))
+    metrics = "\n".join(f"- {name}: {value:.4f}" for name, value in info.validation.items()
+                        if isinstance(value, (int, float)))
+    recipe = card.get("recipe")
+    lines = [
+        "---", "library_name: timbre", "tags: [audio-classification, musical-instrument-recognition, irmas]", "---", "",
+        "# Timbre instrument classifier", "",
+        f"Multi-label instrument recognition ({len(info.labels)} IRMAS instruments: {names}).",
+        f"Head: `{info.head.kind}` on `{info.head.pooling}` pooling; adaptation: `{info.adapt.mode}`; "
+        f"trained on {info.clip_seconds:g} s clips at {info.sample_rate} Hz. Whole files are cut into "
+        f"{info.clip_seconds:g} s windows every {info.hop_seconds:g} s and window probabilities are aggregated by "
+        f"`{info.aggregate}`.", "",
+        "## Decision thresholds (tuned on the validation split)", "", "| instrument | threshold |", "|---|---|",
+        thresholds, "",
+        "## Validation metrics", "", metrics or "- (no validation split)", "",
+        "## Use", "", "```bash", "python -m finetune predict MODEL_DIR song.wav --timeline",
+        "python -m finetune evaluate MODEL_DIR IRMAS-TestingData-Part1 --out report", "```",
+    ]
+    if transformers_folder:
+        lines += ["", "This folder is also a transformers `ASTForAudioClassification` checkpoint (sigmoid outputs):", "",
+                  "```python", "from transformers import pipeline",
+                  "classify = pipeline('audio-classification', model='MODEL_DIR')",
+                  "classify('clip.wav', top_k=None)", "```",
+                  "", f"Give it {info.clip_seconds:g} s clips; longer audio is better served by `python -m finetune predict`."]
+    if recipe:
+        lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=1, default=str), "```"]
+    return "\n".join(lines) + "\n"

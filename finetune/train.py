@@ -1,0 +1,211 @@
+"""`python -m finetune RECIPE.yaml [key=value ...]` (also under `accelerate launch -m finetune ...`).
+
+Builds the classifier (a pretrained or from-scratch backbone, the chosen head and adaptation), streams mixed IRMAS-train
+clips (2-3 clips summed with their labels unioned, SpecAugment, random gain) through `pretrain.trainer.train`, and
+exports `<output_dir>/model/` at every checkpoint and at the end, with per-instrument thresholds tuned on `data.val`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.adapters import AdaptConfig, param_groups, prepare
+from finetune.heads import HeadConfig
+from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
+from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.model import (AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model)
+from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.frontend import FrontendConfig, SpecAugment
+from pretrain.hub import load_backbone
+from pretrain.recipe import load_recipe, to_dict
+from pretrain.trainer import TrainConfig, train
+from shards.errors import UserError
+from shards.loader import eval_samples, train_batches
+from shards.vocab import INSTRUMENTS
+
+HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "hamming_score", "exact_match")
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] | None = None  # shard directory, pattern or URL list (IRMAS-train shards)
+    val: str | list[str] | None = None  # song-grouped validation shards; thresholds are tuned here
+    clip_seconds: float = 3.0
+    sample_rate: int = 16000
+    mix_max: int = 3  # up to this many clips summed into one polyphonic example
+    mix_probability: float = 0.5
+    same_genre_mix: bool = False
+    shuffle_buffer: int = 512
+    num_workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    spec_augment: bool = True
+    freq_mask: int = 24
+    time_mask: int = 48
+    num_freq_masks: int = 2
+    num_time_masks: int = 2
+    gain_db: float = 6.0  # each training clip is scaled by a random gain in [-gain_db, +gain_db] dB
+
+
+@dataclass
+class EvalConfig:
+    hop_seconds: float = 1.5  # window hop when files are longer than a clip
+    aggregate: Literal["mean", "max"] = "mean"
+    batch_size: int = 32
+
+
+@dataclass
+class FinetuneRecipe:
+    backbone: str | None = None  # pretrained backbone folder or Hub id; omit to train from scratch
+    size: str = "tiny"  # backbone size when training from scratch
+    output_dir: str = "runs/finetune"
+    tracking: str = "none"
+    run_name: str | None = None
+    resume: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Classifier:
+    """Backbone (loaded or new, position grid fitted to the clip), adaptation and head, ready to train."""
+    data = recipe.data
+    frontend = FrontendConfig(sample_rate=data.sample_rate)
+    frames = frontend.num_frames(round(data.clip_seconds * data.sample_rate))
+    if recipe.backbone:
+        backbone = load_backbone(recipe.backbone)
+        if backbone.config.frontend.sample_rate != data.sample_rate:
+            raise UserError(f"{source}: the backbone expects {backbone.config.frontend.sample_rate} Hz audio but "
+                            f"data.sample_rate is {data.sample_rate}; set data.sample_rate to match")
+    else:
+        try:
+            backbone = Backbone(BackboneConfig.from_size(recipe.size, max_frames=frames, frontend=frontend))
+        except ValueError as error:
+            raise UserError(f"{source}: size: {error}") from None
+    backbone = fit_backbone(backbone, frames, source=source).train()
+    try:
+        adapters = prepare(backbone, recipe.adapt)
+    except ValueError as error:
+        raise UserError(f"{source}: adapt: {error}") from None
+    augment = recipe.augment
+    spec_augment = SpecAugment(freq_mask=augment.freq_mask, time_mask=augment.time_mask,
+                               num_freq_masks=augment.num_freq_masks,
+                               num_time_masks=augment.num_time_masks) if augment.spec_augment else None
+    try:
+        return Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
+                          spec_augment=spec_augment)
+    except ValueError as error:
+        raise UserError(f"{source}: head: {error}") from None
+
+
+def validate(classifier: Classifier, info: ModelInfo, spec, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """File-level probabilities and targets on validation shards (all of them, on this process)."""
+    model = FinetunedModel(classifier=classifier, info=info)
+    was_training = classifier.training
+    classifier.eval()
+    samples = ((sample["targets"].numpy(), sample["audio"])
+               for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=info.sample_rate))
+    probabilities, targets = [], []
+    for target, result in infer(model, samples, batch_size=batch_size):
+        probabilities.append(result.aggregate(info.aggregate))
+        targets.append(target)
+    classifier.train(was_training)
+    if not probabilities:
+        raise UserError(f"{spec}: validation shards hold no samples; pass data.val shards written with --val-fraction")
+    return np.stack(probabilities), np.stack(targets)
+
+
+def model_info(recipe: FinetuneRecipe) -> ModelInfo:
+    data = recipe.data
+    return ModelInfo(labels=list(INSTRUMENTS), head=recipe.head, adapt=recipe.adapt, clip_seconds=data.clip_seconds,
+                     sample_rate=data.sample_rate, hop_seconds=recipe.eval.hop_seconds,
+                     aggregate=recipe.eval.aggregate, thresholds=[0.5] * len(INSTRUMENTS))
+
+
+def exporter(recipe: FinetuneRecipe):
+    """The trainer's export hook: tune thresholds on validation, then write `<output_dir>/model/`."""
+
+    def export(classifier: nn.Module, output_dir: Path) -> None:
+        info = model_info(recipe)
+        if recipe.data.val:
+            probabilities, targets = validate(classifier, info, recipe.data.val, batch_size=recipe.eval.batch_size)
+            info.thresholds = tune_thresholds(probabilities, targets).tolist()
+            metrics = multilabel_metrics(probabilities, targets, np.array(info.thresholds), info.labels)
+            info.validation = {name: metrics[name] for name in HEADLINE} | {"count": metrics["count"]}
+        state = json.loads((output_dir / "trainer_state.json").read_text())
+        card = {"recipe": to_dict(recipe), "steps": state["step"]}
+        save_model(classifier, output_dir / "model", info, card=card)
+
+    return export
+
+
+def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
+    """Fine-tune as the recipe says; returns the model folder."""
+    data = recipe.data
+    if not data.train:
+        raise UserError(f"{source}: data.train is missing; pass data.train=SHARD_DIR (e.g. demo/shards/irmas-train/train)")
+    if recipe.eval.aggregate not in AGGREGATES:
+        raise UserError(f"{source}: eval.aggregate must be mean or max; got {recipe.eval.aggregate!r}")
+    output_dir = Path(recipe.output_dir)
+    classifier = build_classifier(recipe, source=source)
+    pos_weight = None
+    if recipe.loss.pos_weight:
+        counts, total = label_counts(data.train)
+        pos_weight = pos_weight_from_counts(counts, total, maximum=recipe.loss.max_pos_weight)
+    criterion = MultiLabelLoss(config=recipe.loss, pos_weight=pos_weight)
+    gain_db = recipe.augment.gain_db
+    warmup = recipe.adapt.warmup_head_steps
+
+    def loss_fn(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        audio = batch["audio"]
+        if gain_db > 0:
+            decibels = (torch.rand(audio.shape[0], 1, device=audio.device) * 2 - 1) * gain_db
+            audio = audio * 10 ** (decibels / 20)
+        logits = model(audio, backbone_grad=0.0 if step < warmup else 1.0)
+        criterion.to(logits.device)
+        return criterion(logits, batch["targets"]), {}
+
+    def batches(epoch: int):
+        return train_batches(data.train, batch_size=recipe.train.batch_size, clip_seconds=data.clip_seconds,
+                             sample_rate=data.sample_rate, mix_max=data.mix_max, mix_probability=data.mix_probability,
+                             same_genre_mix=data.same_genre_mix, shuffle_buffer=data.shuffle_buffer,
+                             num_workers=data.num_workers, seed=recipe.train.seed, epoch=epoch)
+
+    layer_decay = recipe.adapt.layer_decay if recipe.adapt.mode == "full" else 1.0
+    groups = param_groups(classifier, backbone=classifier.backbone, lr=recipe.train.lr,
+                          weight_decay=recipe.train.weight_decay, layer_decay=layer_decay)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train(model=classifier, loss_fn=loss_fn, batches=batches, config=recipe.train, output_dir=output_dir,
+          tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe), resume=recipe.resume,
+          param_groups=groups, export=exporter(recipe))
+    return output_dir / "model"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point for `python -m finetune RECIPE.yaml [key=value ...]`."""
+    path, overrides = argv[0], argv[1:]
+    recipe = load_recipe(path, overrides, FinetuneRecipe)
+    model_dir = run(recipe, source=path)
+    meta_file = model_dir / "finetune.json"
+    if meta_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        validation = json.loads(meta_file.read_text()).get("validation") or {}
+        numbers = "  ".join(f"{name} {validation[name]:.3f}" for name in HEADLINE if name in validation)
+        print(f"model: {model_dir}" + (f"\nvalidation: {numbers}" if numbers else
+                                       "\nvalidation: none (no data.val); thresholds left at 0.5"), file=sys.stderr)
+    return 0
+
