@@ -1,0 +1,467 @@
+"""Self-supervised objectives on the spectrogram ViT: MAE, ELECTRA-style patch detection, metric learning.
+
+The file reads top to bottom: masking strategies and the MAE decoder and loss; patch corruption and the
+detection loss; clip-level metric losses (NT-Xent between views, hierarchical-margin triplets for labelled
+clips) with negatives from every rank; then `Pretrainer`, the module the trainer runs, which combines the
+enabled objectives with their weights. An objective with weight 0 is not built at all.
+
+Patches are the backbone's non-overlapping 16x16 patches of the normalised log-mel image, in its token
+order (frequency-major); `patchify`/`unpatchify` move between the image and the patch sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from pytorch_metric_learning import losses, reducers
+from torch import Tensor, nn
+
+from pretrain.backbone import Backbone, BackboneConfig, Block, patchify, sincos_grid, unpatchify
+from pretrain.frontend import LogMel, SpecAugment
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration (plain data; the recipe's `objectives` section)
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder: encoder on visible patches only, light decoder, loss on masked patches."""
+
+    weight: float = 1.0
+    mask_ratio: float = 0.8
+    masking: str = "random"  # random | time | frequency | block | mixed (one of the four per batch)
+    block_size: int = 2  # patches per side of a block for block masking
+    decoder_hidden_size: int = 256
+    decoder_layers: int = 4
+    decoder_heads: int = 8
+    decoder_intermediate_size: int = 1024
+    norm_pix_loss: bool = True  # target = each patch normalised to zero mean, unit variance
+
+
+@dataclass
+class ElectraConfig:
+    """Corrupted-patch detection: the encoder sees every patch and says which ones are original/shuffled/replaced."""
+
+    weight: float = 0.0
+    corrupt_ratio: float = 0.15
+    replace_fraction: float = 0.5  # of the corrupted patches: taken from another clip (the rest are shuffled)
+
+
+@dataclass
+class MetricConfig:
+    """Clip-embedding losses: NT-Xent between two views, hierarchical-margin triplets for labelled clips."""
+
+    weight: float = 0.0
+    projection_size: int = 128
+    temperature: float = 0.1
+    ntxent_weight: float = 1.0
+    triplet_weight: float = 1.0
+    family_margin: float = 0.1  # negative shares only a family with the anchor (positive shares an instrument)
+    different_margin: float = 0.3  # negative shares no family
+    genre_margin: float = 0.05  # added when the negative's genre differs from the anchor's
+    max_clips: int = 128  # labelled clips per step used to build triplets (bounds the O(M^3) search)
+    max_triplets: int = 20000
+    spec_augment: bool = True  # SpecAugment on each view
+
+
+@dataclass
+class ObjectivesConfig:
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    electra: ElectraConfig = field(default_factory=ElectraConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+
+    def enabled(self) -> list[str]:
+        return [name for name in ("mae", "electra", "metric") if getattr(self, name).weight > 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MAE: masking, decoder, loss
+
+MASKINGS = ("random", "time", "frequency", "block")
+
+
+def random_scores(batch: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+    """(B, N) i.i.d. scores: masking the highest ones is unstructured random masking."""
+    return torch.rand(batch, grid[0] * grid[1], device=device)
+
+
+def time_band_scores(batch: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+    """One score per time column (plus a tie-break), so whole time bands are masked first."""
+    column = torch.rand(batch, 1, grid[1], device=device)
+    return rearrange(column + 1e-3 * torch.rand(batch, *grid, device=device), "b f t -> b (f t)")
+
+
+def frequency_band_scores(batch: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+    """One score per frequency row (plus a tie-break), so whole frequency bands are masked first."""
+    row = torch.rand(batch, grid[0], 1, device=device)
+    return rearrange(row + 1e-3 * torch.rand(batch, *grid, device=device), "b f t -> b (f t)")
+
+
+def block_scores(batch: int, grid: tuple[int, int], device: torch.device, *, size: int = 2) -> Tensor:
+    """One score per size x size block of patches (plus a tie-break), so square blocks are masked first."""
+    coarse = torch.rand(batch, -(-grid[0] // size), -(-grid[1] // size), device=device)
+    fine = coarse.repeat_interleave(size, dim=1).repeat_interleave(size, dim=2)[:, : grid[0], : grid[1]]
+    return rearrange(fine + 1e-3 * torch.rand(batch, *grid, device=device), "b f t -> b (f t)")
+
+
+def mask_from_scores(scores: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+    """Mask the round(ratio * N) highest-scoring patches of every clip.
+
+    Returns keep (B, K) indices of the visible patches in token order, and masked (B, N) bool.
+    """
+    batch, patches = scores.shape
+    num_masked = min(patches - 1, max(1, round(ratio * patches)))
+    order = scores.argsort(dim=1, descending=True)
+    keep = order[:, num_masked:].sort(dim=1).values
+    masked = torch.ones_like(scores, dtype=torch.bool).scatter(1, keep, False)
+    return keep, masked
+
+
+def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, config: MAEConfig) -> tuple[Tensor, Tensor]:
+    """keep (B, K), masked (B, N) for the configured strategy ("mixed" draws one strategy per batch)."""
+    strategy = config.masking
+    if strategy == "mixed":
+        strategy = MASKINGS[int(torch.randint(len(MASKINGS), ()))]
+    if strategy == "random":
+        scores = random_scores(batch, grid, device)
+    elif strategy == "time":
+        scores = time_band_scores(batch, grid, device)
+    elif strategy == "frequency":
+        scores = frequency_band_scores(batch, grid, device)
+    elif strategy == "block":
+        scores = block_scores(batch, grid, device, size=config.block_size)
+    else:
+        raise ValueError(f"unknown masking {config.masking!r}; use one of {', '.join(MASKINGS)} or mixed")
+    return mask_from_scores(scores, config.mask_ratio)
+
+
+@lru_cache(maxsize=16)
+def _decoder_positions(grid: tuple[int, int], dim: int) -> Tensor:
+    return rearrange(sincos_grid(grid[0], grid[1], dim), "f t d -> 1 (f t) d")
+
+
+class MAEDecoder(nn.Module):
+    """Visible tokens + mask tokens at fixed sin-cos positions -> a small transformer -> pixel values per patch."""
+
+    def __init__(self, *, encoder_size: int, patch_values: int, config: MAEConfig) -> None:
+        super().__init__()
+        blocks = BackboneConfig(
+            hidden_size=config.decoder_hidden_size,
+            num_layers=config.decoder_layers,
+            num_heads=config.decoder_heads,
+            intermediate_size=config.decoder_intermediate_size,
+            layer_norm_eps=1e-6,
+        )
+        self.embed = nn.Linear(encoder_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
+        self.blocks = nn.ModuleList(Block(blocks) for _ in range(config.decoder_layers))
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=1e-6)
+        self.head = nn.Linear(config.decoder_hidden_size, patch_values)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, hidden: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
+        """hidden (B, 2 + K, D) encoder output (cls, dist, visible), keep (B, K) -> (B, N, patch_values)."""
+        x = self.embed(hidden)
+        special, visible = x[:, :2], x[:, 2:]
+        batch, _, width = x.shape
+        full = self.mask_token.to(x.dtype).expand(batch, grid[0] * grid[1], width)
+        full = full.scatter(1, repeat(keep, "b k -> b k d", d=width), visible)
+        full = full + _decoder_positions(grid, width).to(device=x.device, dtype=x.dtype)
+        x = torch.cat([special, full], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 2:])
+
+
+def normalise_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each patch to zero mean and unit variance (MAE's norm_pix_loss target)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def masked_patch_loss(prediction: Tensor, target: Tensor, masked: Tensor) -> Tensor:
+    """Mean squared error over the masked patches only."""
+    error = (prediction.float() - target.float()).square().mean(dim=-1)
+    return (error * masked).sum() / masked.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# ELECTRA-style detection
+
+ORIGINAL, SHUFFLED, REPLACED = 0, 1, 2
+
+
+def corrupt_patches(patches: Tensor, *, ratio: float, replace_fraction: float) -> tuple[Tensor, Tensor]:
+    """Corrupt round(ratio * N) patches per clip: some moved to another position of the same clip, some taken
+    from another clip of the batch. Returns the corrupted patches and labels (B, N) in {ORIGINAL, SHUFFLED, REPLACED}.
+    """
+    batch, count, values = patches.shape
+    corrupted_count = max(2, round(ratio * count))
+    replaced_count = round(corrupted_count * replace_fraction) if batch > 1 else 0
+    shuffled_count = corrupted_count - replaced_count
+    if shuffled_count == 1:  # one patch cannot be shuffled with itself
+        shuffled_count, replaced_count = (2, replaced_count - 1) if replaced_count else (0, 1)
+    chosen = torch.rand(batch, count, device=patches.device).argsort(dim=1)[:, : shuffled_count + replaced_count]
+    shuffled, replaced = chosen[:, :shuffled_count], chosen[:, shuffled_count:]
+    labels = torch.zeros(batch, count, dtype=torch.long, device=patches.device)
+    labels = labels.scatter(1, shuffled, SHUFFLED).scatter(1, replaced, REPLACED)
+
+    # Each shuffled position takes the patch of the next chosen position: a derangement, nothing stays put.
+    sources = torch.gather(patches, 1, repeat(shuffled.roll(-1, dims=1), "b k -> b k v", v=values))
+    corrupted = patches.scatter(1, repeat(shuffled, "b k -> b k v", v=values), sources)
+    if replaced_count:
+        donor_clip = (torch.arange(batch, device=patches.device) + torch.randint(1, batch, (batch,), device=patches.device)) % batch
+        donor_position = torch.randint(count, (batch, replaced_count), device=patches.device)
+        donors = patches[donor_clip[:, None], donor_position]
+        corrupted = corrupted.scatter(1, repeat(replaced, "b k -> b k v", v=values), donors)
+    return corrupted, labels
+
+
+def balanced_cross_entropy(logits: Tensor, labels: Tensor, classes: int = 3) -> Tensor:
+    """Mean over the classes present of each class's mean cross-entropy (corruptions are rare)."""
+    per_patch = F.cross_entropy(rearrange(logits.float(), "b n c -> (b n) c"), labels.flatten(), reduction="none")
+    flat = labels.flatten()
+    terms = [per_patch[flat == c].mean() for c in range(classes) if bool((flat == c).any())]
+    return torch.stack(terms).mean()
+
+
+def balanced_accuracy(logits: Tensor, labels: Tensor, classes: int = 3) -> float:
+    """Mean per-class recall; chance is 1 / number of classes present."""
+    predicted = logits.argmax(dim=-1).flatten()
+    flat = labels.flatten()
+    recalls = [(predicted[flat == c] == c).float().mean() for c in range(classes) if bool((flat == c).any())]
+    return float(torch.stack(recalls).mean())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metric learning on clip embeddings
+
+
+def gather_across_ranks(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0; the local slice keeps its gradient (negatives from all ranks).
+
+    Each rank back-propagates through its own clips only; DDP's gradient averaging then sums the contributions.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def hierarchy_levels(targets: Tensor, families: Tensor) -> Tensor:
+    """(M, M): 0 when two clips share an instrument, 1 when they share only a family, 2 otherwise."""
+    share_instrument = (targets @ targets.T) > 0
+    share_family = (families @ families.T) > 0
+    return 2 - share_family.long() - share_instrument.long()
+
+
+def hierarchical_triplets(
+    levels: Tensor, genre: Tensor, *, config: MetricConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """All (anchor, positive, negative) with the positive closer in the label hierarchy than the negative.
+
+    The margin grows with the gap: margin(level) = 0, family_margin, different_margin for levels 0, 1, 2, and a
+    triplet asks d(a, n) - d(a, p) >= margin(level(a, n)) - margin(level(a, p)) (+ genre_margin when the negative's
+    genre differs from the anchor's and both are known). Returns index tensors a, p, n and the margins.
+    """
+    size = levels.shape[0]
+    distinct = ~torch.eye(size, dtype=torch.bool, device=levels.device)
+    valid = (levels[:, :, None] < levels[:, None, :]) & distinct[:, :, None] & distinct[:, None, :]
+    anchor, positive, negative = valid.nonzero(as_tuple=True)
+    if anchor.numel() > config.max_triplets:
+        pick = torch.randperm(anchor.numel(), device=levels.device)[: config.max_triplets]
+        anchor, positive, negative = anchor[pick], positive[pick], negative[pick]
+    by_level = torch.tensor([0.0, config.family_margin, config.different_margin], device=levels.device)
+    margins = by_level[levels[anchor, negative]] - by_level[levels[anchor, positive]]
+    genre_differs = (genre[anchor] >= 0) & (genre[negative] >= 0) & (genre[anchor] != genre[negative])
+    margins = margins + config.genre_margin * genre_differs.float()
+    return anchor, positive, negative, margins
+
+
+class MetricLosses(nn.Module):
+    """pytorch-metric-learning losses on L2-normalised projections of the pooled clip embedding."""
+
+    def __init__(self, *, config: MetricConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.ntxent = losses.NTXentLoss(temperature=config.temperature)
+
+    def forward(self, views: Tensor, batch: dict) -> dict[str, Tensor]:
+        """views (V, B, P) projected embeddings of V >= 2 views of each local clip -> {"ntxent", "triplet"}."""
+        config = self.config
+        count, clips, _ = views.shape
+        everything = gather_across_ranks(rearrange(views.float(), "v b p -> b v p"))  # (B_all, V, P)
+        identities = torch.arange(everything.shape[0], device=views.device)
+        ntxent = self.ntxent(rearrange(everything, "b v p -> (v b) p"), identities.repeat(count))
+
+        labelled = gather_across_ranks(batch["labelled"].float()).bool()
+        targets = gather_across_ranks(batch["targets"].float())[labelled]
+        families = gather_across_ranks(batch["families"].float())[labelled]
+        genre = gather_across_ranks(batch["genre"])[labelled]
+        anchors = everything[labelled][:, 0]
+        if anchors.shape[0] > config.max_clips:
+            pick = torch.randperm(anchors.shape[0], device=views.device)[: config.max_clips]
+            anchors, targets, families, genre = anchors[pick], targets[pick], families[pick], genre[pick]
+        a, p, n, margins = hierarchical_triplets(hierarchy_levels(targets, families), genre, config=config)
+        triplet = anchors.sum() * 0.0  # keeps the graph when there are no triplets this step
+        if a.numel():
+            for margin in margins.unique():
+                chosen = margins == margin
+                loss = losses.TripletMarginLoss(margin=float(margin), reducer=reducers.MeanReducer())
+                term = loss(anchors, indices_tuple=(a[chosen], p[chosen], n[chosen]))
+                triplet = triplet + term * chosen.float().mean()
+        return {"ntxent": ntxent, "triplet": triplet}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pretraining module
+
+
+class Pretrainer(nn.Module):
+    """Waveforms -> log-mel -> backbone -> the enabled objectives; `forward(batch)` returns (loss, logs)."""
+
+    def __init__(self, *, backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
+        super().__init__()
+        if not objectives.enabled():
+            raise ValueError("no objective enabled; give objectives.mae, .electra or .metric a weight > 0")
+        if backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size:
+            raise ValueError("pretraining needs non-overlapping patches: frequency_stride = time_stride = patch_size")
+        self.objectives = objectives
+        self.frontend = LogMel(config=backbone.frontend)
+        self.backbone = Backbone(backbone)
+        patch_values = backbone.patch_size**2
+        if objectives.mae.weight > 0:
+            self.decoder = MAEDecoder(encoder_size=backbone.hidden_size, patch_values=patch_values, config=objectives.mae)
+        if objectives.electra.weight > 0:
+            self.detector = nn.Linear(backbone.hidden_size, 3)
+        if objectives.metric.weight > 0:
+            self.projector = nn.Sequential(
+                nn.Linear(backbone.hidden_size, backbone.hidden_size),
+                nn.GELU(),
+                nn.Linear(backbone.hidden_size, objectives.metric.projection_size),
+            )
+            self.metric = MetricLosses(config=objectives.metric)
+            self.augment = SpecAugment()
+
+    def features(self, audio: Tensor) -> Tensor:
+        """(B, S) or (B, V, S) waveforms -> (B, V, frames, mels) log-mel features, cropped to whole patches."""
+        views = audio.shape[1] if audio.dim() == 3 else 1
+        features = self.frontend(rearrange(audio, "b v s -> (b v) s") if audio.dim() == 3 else audio)
+        frames = self.backbone.grid(features.shape[1])[1] * self.backbone.config.patch_size
+        return rearrange(features[:, :frames], "(b v) t f -> b v t f", v=views)
+
+    def forward(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        features = self.features(batch["audio"])
+        total, logs = features.new_zeros(()), {}
+        if self.objectives.mae.weight > 0:
+            mae = self.mae(features[:, 0])
+            total = total + self.objectives.mae.weight * mae["loss"]
+            logs["mae"] = float(mae["loss"].detach())
+        if self.objectives.electra.weight > 0:
+            electra = self.electra(features[:, 0])
+            total = total + self.objectives.electra.weight * electra["loss"]
+            logs["electra"] = float(electra["loss"].detach())
+            logs["electra_balanced_accuracy"] = balanced_accuracy(electra["logits"].detach(), electra["labels"])
+        if self.objectives.metric.weight > 0:
+            metric = self.metric_terms(features, batch)
+            config = self.objectives.metric
+            loss = config.ntxent_weight * metric["ntxent"] + config.triplet_weight * metric["triplet"]
+            total = total + config.weight * loss
+            logs.update(metric=float(loss.detach()), metric_ntxent=float(metric["ntxent"].detach()),
+                        metric_triplet=float(metric["triplet"].detach()))
+        return total, logs
+
+    def mae(self, features: Tensor) -> dict[str, Tensor]:
+        """features (B, T, F) -> loss, prediction (B, N, P), target (B, N, P), masked (B, N)."""
+        patch = self.backbone.config.patch_size
+        grid = self.backbone.grid(features.shape[1])
+        keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.mae)
+        encoded = self.backbone(features, keep=keep)
+        prediction = self.decoder(encoded.hidden, keep, grid)
+        target = patchify(features, patch)
+        if self.objectives.mae.norm_pix_loss:
+            target = normalise_patches(target)
+        return {"loss": masked_patch_loss(prediction, target, masked), "prediction": prediction,
+                "target": target, "masked": masked}
+
+    def electra(self, features: Tensor) -> dict[str, Tensor]:
+        """features (B, T, F) -> loss, logits (B, N, 3), labels (B, N), corrupted features (B, T, F)."""
+        patch = self.backbone.config.patch_size
+        grid = self.backbone.grid(features.shape[1])
+        config = self.objectives.electra
+        corrupted, labels = corrupt_patches(
+            patchify(features, patch), ratio=config.corrupt_ratio, replace_fraction=config.replace_fraction
+        )
+        corrupted = unpatchify(corrupted, grid, patch)
+        logits = self.detector(self.backbone(corrupted).tokens)
+        return {"loss": balanced_cross_entropy(logits, labels), "logits": logits, "labels": labels,
+                "corrupted": corrupted}
+
+    def metric_terms(self, features: Tensor, batch: dict) -> dict[str, Tensor]:
+        """features (B, V, T, F); one view is augmented twice when the loader gave only one."""
+        if features.shape[1] == 1:
+            features = features.expand(-1, 2, -1, -1)
+        views = rearrange(features, "b v t f -> (v b) t f")
+        if self.objectives.metric.spec_augment:
+            views = self.augment(views)
+        projected = F.normalize(self.projector(self.backbone(views).embedding).float(), dim=-1)
+        return self.metric(rearrange(projected, "(v b) p -> v b p", v=features.shape[1]), batch)
+
+    @torch.no_grad()
+    def images(self, batch: dict) -> dict[str, np.ndarray]:
+        """PNG-ready pictures of the first clip: MAE input / masked / reconstruction, ELECTRA corrupted / truth / detected."""
+        features = self.features(batch["audio"][:2])[:, 0]
+        patch = self.backbone.config.patch_size
+        grid = self.backbone.grid(features.shape[1])
+        pictures, low, high = {}, float(features[0].min()), float(features[0].max())
+        if self.objectives.mae.weight > 0:
+            mae = self.mae(features)
+            patches = patchify(features, patch)
+            prediction = mae["prediction"].float()
+            if self.objectives.mae.norm_pix_loss:  # back to the input scale with each patch's own mean and std
+                prediction = prediction * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
+            masked = mae["masked"][..., None]
+            shown = patches.masked_fill(masked, low)
+            rebuilt = torch.where(masked, prediction, patches)
+            panels = [features[0, : grid[1] * patch], unpatchify(shown, grid, patch)[0], unpatchify(rebuilt, grid, patch)[0]]
+            pictures["mae/input-masked-reconstruction"] = _stack([_colour(p, low, high) for p in panels])
+        if self.objectives.electra.weight > 0:
+            electra = self.electra(features)
+            corrupted = _colour(electra["corrupted"][0], low, high)
+            truth = _overlay(corrupted, electra["labels"][0], grid, patch)
+            detected = _overlay(corrupted, electra["logits"][0].argmax(-1), grid, patch)
+            pictures["electra/corrupted-truth-detected"] = _stack([corrupted, truth, detected])
+        return pictures
+
+
+def _colour(features: Tensor, low: float, high: float) -> np.ndarray:
+    """(T, F) features -> (F, T, 3) uint8 with low frequencies at the bottom (magma colour map)."""
+    from matplotlib import colormaps
+
+    scaled = ((features.float().cpu().numpy() - low) / max(high - low, 1e-6)).clip(0, 1)
+    return (colormaps["magma"](scaled.T[::-1])[..., :3] * 255).astype(np.uint8)
+
+
+def _overlay(picture: np.ndarray, labels: Tensor, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """Tint shuffled patches cyan and replaced ones green."""
+    tint = np.array([[0, 0, 0], [0, 255, 255], [0, 255, 0]], dtype=np.float32)
+    cells = labels.reshape(grid).cpu().numpy()  # (grid_f, grid_t), row 0 = lowest frequency
+    mask = np.kron(cells[::-1], np.ones((patch, patch), dtype=np.int64))
+    out = picture.astype(np.float32)
+    marked = mask > 0
+    out[marked] = 0.5 * out[marked] + 0.5 * tint[mask[marked]]
+    return out.astype(np.uint8)
+
+
+def _stack(panels: list[np.ndarray]) -> np.ndarray:
+    gap = np.full((4, panels[0].shape[1], 3), 255, dtype=np.uint8)
+    return np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=0)
