@@ -1,0 +1,102 @@
+"""The batched on-device frontend computes what transformers' ASTFeatureExtractor computes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import soundfile as sf
+import torch
+from transformers import ASTFeatureExtractor
+
+from pretrain.frontend import FrontendConfig, LogMel, SpecAugment
+
+SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+TOLERANCE = 1e-4  # normalised log-mel units (one unit is 2 std of AudioSet log-mel)
+
+
+def reference(waveforms: torch.Tensor) -> torch.Tensor:
+    """transformers' features for each row, without padding (max_length = our frame count)."""
+    frames = FrontendConfig().num_frames(waveforms.shape[-1])
+    extractor = ASTFeatureExtractor(max_length=frames)
+    return extractor(list(waveforms.numpy()), sampling_rate=16000, return_tensors="pt").input_values
+
+
+@pytest.fixture(scope="module")
+def music(tmp_path_factory) -> torch.Tensor:
+    """3 s of a piano chord progression over a bass line, rendered by FluidSynth from a MIDI file at 16 kHz."""
+    if shutil.which("fluidsynth") is None or not SOUNDFONT.exists():
+        pytest.skip("FluidSynth and FluidR3_GM.sf2 are needed to render music (make system-deps)")
+    folder = tmp_path_factory.mktemp("music")
+    midi = pretty_midi.PrettyMIDI()
+    piano, bass = pretty_midi.Instrument(program=0), pretty_midi.Instrument(program=33)
+    for bar, root in enumerate((60, 65, 67, 60)):
+        start = bar * 0.75
+        piano.notes += [pretty_midi.Note(velocity=90, pitch=root + step, start=start, end=start + 0.7) for step in (0, 4, 7)]
+        bass.notes.append(pretty_midi.Note(velocity=100, pitch=root - 24, start=start, end=start + 0.5))
+    midi.instruments += [piano, bass]
+    midi.write(str(folder / "song.mid"))
+    subprocess.run(["fluidsynth", "-ni", "-q", "-F", str(folder / "song.wav"), "-r", "16000", "-g", "0.8",
+                    str(SOUNDFONT), str(folder / "song.mid")], check=True, capture_output=True, timeout=60)
+    audio, rate = sf.read(folder / "song.wav", dtype="float32", always_2d=True)
+    assert rate == 16000 and np.abs(audio).max() > 0.01, "FluidSynth rendered silence"
+    return torch.from_numpy(audio.mean(axis=1)[:48000].copy())
+
+
+def test_random_waveforms_match_the_transformers_extractor() -> None:
+    generator = torch.Generator().manual_seed(0)
+    waveforms = (torch.rand(3, 16000, generator=generator) * 2 - 1) * torch.tensor([[1.0], [0.1], [1e-3]])
+    ours = LogMel()(waveforms)
+    assert ours.shape == (3, 98, 128) and ours.dtype == torch.float32
+    assert (ours - reference(waveforms)).abs().max() < TOLERANCE
+
+
+def test_music_matches_the_transformers_extractor(music: torch.Tensor) -> None:
+    ours = LogMel()(music[None])
+    assert ours.shape == (1, 298, 128)
+    assert (ours - reference(music[None])).abs().max() < TOLERANCE
+    assert ours.std() > 0.1  # a real spectrogram, not a floor
+
+
+def test_batched_equals_one_by_one_and_ignores_autocast(music: torch.Tensor) -> None:
+    batch = torch.stack([music, music.flip(0) * 0.5, torch.zeros_like(music)])
+    frontend = LogMel()
+    together = frontend(batch)
+    alone = torch.cat([frontend(row[None]) for row in batch])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = frontend(batch)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, together, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [399, 400, 559, 560, 48000])
+def test_frame_count_is_kaldis(samples: int) -> None:
+    frontend = LogMel()
+    expected = reference(torch.ones(1, samples) * 0.1).shape[1] if samples >= 400 else 0
+    assert frontend.num_frames(samples) == expected
+    if samples < 400:
+        with pytest.raises(ValueError, match="at least 400 samples"):
+            frontend(torch.zeros(1, samples))
+    else:
+        assert frontend(torch.rand(2, samples)).shape == (2, expected, 128)
+
+
+def test_spec_augment_masks_stripes_per_clip_and_only_in_training() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(8, 298, 128) + 5.0  # no natural zeros
+    augment = SpecAugment(freq_mask=24, time_mask=48, num_freq_masks=2, num_time_masks=2)
+    assert augment.eval()(features) is features
+    masked = augment.train()(features)
+    zero = masked == 0
+    assert torch.equal(masked[~zero], features[~zero])
+    time_stripes = zero.all(dim=2)  # (B, frames): a time stripe zeroes every mel bin
+    freq_stripes = zero.all(dim=1)  # (B, mels)
+    assert torch.equal(zero, time_stripes[:, :, None] | freq_stripes[:, None, :])
+    assert time_stripes.sum(dim=1).max() <= 2 * 47 and freq_stripes.sum(dim=1).max() <= 2 * 23
+    assert zero.any(dim=(1, 2)).all()
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in time_stripes}) > 1  # clips differ
