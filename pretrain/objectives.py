@@ -28,6 +28,8 @@ from pretrain.frontend import LogMel, SpecAugment
 # ----------------------------------------------------------------------------------------------------
 # Configuration (plain data; the recipe's `objectives` section)
 
+MASKINGS = ("random", "time", "frequency", "block")
+
 
 @dataclass
 class MAEConfig:
@@ -43,6 +45,12 @@ class MAEConfig:
     decoder_intermediate_size: int = 1024
     norm_pix_loss: bool = True  # target = each patch normalised to zero mean, unit variance
 
+    def __post_init__(self) -> None:
+        if self.masking not in (*MASKINGS, "mixed"):
+            raise ValueError(f"mae.masking must be one of {', '.join(MASKINGS)}, mixed; got {self.masking!r}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mae.mask_ratio must be between 0 and 1; got {self.mask_ratio}")
+
 
 @dataclass
 class ElectraConfig:
@@ -51,6 +59,10 @@ class ElectraConfig:
     weight: float = 0.0
     corrupt_ratio: float = 0.15
     replace_fraction: float = 0.5  # of the corrupted patches: taken from another clip (the rest are shuffled)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.corrupt_ratio < 1 or not 0 <= self.replace_fraction <= 1:
+            raise ValueError("electra.corrupt_ratio must be in (0, 1) and electra.replace_fraction in [0, 1]")
 
 
 @dataclass
@@ -82,9 +94,6 @@ class ObjectivesConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # MAE: masking, decoder, loss
-
-MASKINGS = ("random", "time", "frequency", "block")
-
 
 def random_scores(batch: int, grid: tuple[int, int], device: torch.device) -> Tensor:
     """(B, N) i.i.d. scores: masking the highest ones is unstructured random masking."""
