@@ -114,6 +114,7 @@ class FinetunedModel:
 
     classifier: Classifier
     info: ModelInfo
+    path: str = ""  # the folder it was loaded from
 
     @property
     def window(self) -> int:
@@ -190,7 +191,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
     if adapters is not None:
         adapters.load_state_dict(load_file(path / "adapters.safetensors"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return FinetunedModel(classifier=classifier.to(device).eval(), info=info)
+    return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path))
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:

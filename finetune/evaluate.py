@@ -1,0 +1,271 @@
+"""`python -m finetune evaluate MODEL DATA` and `python -m finetune embed MODEL DATA --out FILE.png`.
+
+DATA is an IRMAS test folder (parsed by `shards.sources` as `irmas-test`) or test shards. Whole files are cut into
+windows of the training clip length (see `finetune.model.infer`), and the model's thresholds decide presence from the
+per-file aggregate. Metrics are reported per file (what IRMAS publications report) and per window (each window carries
+its file's labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune.metrics import multilabel_metrics
+from finetune.model import AGGREGATES, FinetunedModel, FileResult, infer, load_model, read_audio
+from shards.audio import BadAudio
+from shards.errors import UserError
+from shards.loader import eval_samples
+from shards.sources import scan
+from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
+
+HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "roc_auc", "hamming_score", "exact_match")
+
+
+@dataclass
+class Item:
+    """One evaluation file: where it came from and what it is labelled."""
+
+    name: str
+    instruments: list[str]
+    genre: int  # index into shards.vocab.GENRES, -1 unknown
+
+
+def is_folder_source(data: str) -> bool:
+    """A directory without shards in it is an audio folder (IRMAS test layout); anything else is shards."""
+    path = Path(data)
+    return path.is_dir() and not any(path.rglob("*.tar"))
+
+
+def load_data(data: str, *, sample_rate: int, skipped: list[dict]) -> Iterator[tuple[Item, "np.ndarray"]]:
+    """(Item, mono audio at `sample_rate`) for every usable file; unusable ones are appended to `skipped`."""
+    if is_folder_source(data):
+        found = scan("irmas-test", data)
+        skipped += [{"path": skip.path, "reason": skip.reason} for skip in found.skips]
+        if not found.records:
+            raise UserError(f"{data}: no labelled audio found; pass an IRMAS test folder (<name>.wav next to "
+                            f"<name>.txt) or a test shard directory")
+        for record in found.records:
+            try:
+                audio = read_audio(record.path, sample_rate)
+            except BadAudio as error:
+                skipped.append({"path": record.relpath, "reason": str(error)})
+                continue
+            yield Item(name=record.relpath, instruments=list(record.instruments), genre=-1), audio
+        return
+    for sample in eval_samples(data, rank=0, world_size=1, sample_rate=sample_rate):
+        name = sample["path"] or sample["key"]
+        yield Item(name=name, instruments=list(sample["instruments"]), genre=sample["genre"]), sample["audio"]
+
+
+def run_model(model: FinetunedModel, data: str, *, hop_seconds: float | None, batch_size: int,
+              skipped: list[dict]) -> list[tuple[Item, FileResult]]:
+    return list(infer(model, load_data(data, sample_rate=model.info.sample_rate, skipped=skipped),
+                      hop_seconds=hop_seconds, batch_size=batch_size))
+
+
+def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | None = None,
+             hop_seconds: float | None = None, batch_size: int = 32) -> dict:
+    """Run, score, and write report.json, report.md, predictions.jsonl and the plots under `out`; returns the report."""
+    aggregate = aggregate or model.info.aggregate
+    if aggregate not in AGGREGATES:
+        raise UserError(f"--aggregate must be mean or max; got {aggregate!r}")
+    skipped: list[dict] = []
+    results = run_model(model, data, hop_seconds=hop_seconds, batch_size=batch_size, skipped=skipped)
+    if not results:
+        raise UserError(f"{data}: none of the files could be read ({len(skipped)} skipped); see the reasons with "
+                        f"`python -m shards pack irmas-test {data} OUTDIR`")
+    labels, thresholds = model.info.labels, np.array(model.info.thresholds)
+    targets = np.stack([multi_hot(item.instruments) for item, _ in results])
+    probabilities = np.stack([result.aggregate(aggregate) for _, result in results])
+    chunk_probabilities = np.concatenate([result.probabilities for _, result in results])
+    chunk_targets = np.concatenate([np.repeat(target[None], len(result.starts), axis=0)
+                                    for target, (_, result) in zip(targets, results)])
+    file_metrics = multilabel_metrics(probabilities, targets, thresholds, labels)
+    chunk_metrics = multilabel_metrics(chunk_probabilities, chunk_targets, thresholds, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_report(file_metrics, chunk_metrics, probabilities, targets, thresholds, labels, out)
+    report = {
+        **file_metrics,
+        "model": model.path, "data": str(data), "aggregate": aggregate,
+        "hop_seconds": hop_seconds or model.info.hop_seconds, "clip_seconds": model.info.clip_seconds,
+        "files": len(results), "windows": int(len(chunk_targets)), "skipped": skipped,
+        "chunk": chunk_metrics, "plots": plots,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report, labels))
+    with open(out / "predictions.jsonl", "w") as handle:
+        for (item, result), probability in zip(results, probabilities):
+            predicted = [code for code, p, t in zip(labels, probability, thresholds) if p >= t]
+            handle.write(json.dumps({"file": item.name, "true": item.instruments, "predicted": predicted,
+                                     "probabilities": dict(zip(labels, map(float, probability))),
+                                     "windows": len(result.starts)}) + "\n")
+    return report
+
+
+def markdown(report: dict, labels: list[str]) -> str:
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    chunk = report["chunk"]
+    lines = [
+        "# Evaluation report", "",
+        f"Data: `{report['data']}`: {report['files']} files, {report['windows']} windows of "
+        f"{report['clip_seconds']:g} s every {report['hop_seconds']:g} s, aggregated by `{report['aggregate']}`; "
+        f"{len(report['skipped'])} skipped.", "",
+        "| metric | file level | window level |", "|---|---|---|",
+        *(f"| {name} | {number(report[name])} | {number(chunk[name])} |" for name in HEADLINE),
+        "",
+        "macro F1 and mAP average over the instruments present in the data; hamming score is the per-file "
+        "|true ∩ predicted| / |true ∪ predicted|; exact match needs every instrument right.", "",
+        "## Per instrument (file level)", "",
+        "| instrument | precision | recall | F1 | AP | ROC-AUC | support | predicted | threshold |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for code in labels:
+        row = report["per_instrument"][code]
+        lines.append(f"| {code} ({INSTRUMENT_NAMES[code]}) | {number(row['precision'])} | {number(row['recall'])} | "
+                     f"{number(row['f1'])} | {number(row['average_precision'])} | {number(row['roc_auc'])} | "
+                     f"{row['support']} | {row['predicted']} | {row['threshold']:.3f} |")
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]]
+    if report["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- `{s['path']}`: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(file_metrics: dict, chunk_metrics: dict, probabilities: np.ndarray, targets: np.ndarray,
+                thresholds: np.ndarray, labels: list[str], out: Path) -> list[str]:
+    """Per-instrument F1 bars, ROC curves and the label co-occurrence / true-vs-predicted matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    x = np.arange(len(labels))
+    figure, axis = plt.subplots(figsize=(9, 4))
+    axis.bar(x - 0.2, [file_metrics["per_instrument"][c]["f1"] for c in labels], 0.4, label="file")
+    axis.bar(x + 0.2, [chunk_metrics["per_instrument"][c]["f1"] for c in labels], 0.4, label="window")
+    axis.set_xticks(x, labels)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("F1")
+    axis.set_title(f"Per-instrument F1 (file macro {file_metrics['macro_f1']:.3f}, micro {file_metrics['micro_f1']:.3f})")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "f1_per_instrument.png", dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 6))
+    for c, code in enumerate(labels):
+        if 0 < targets[:, c].sum() < len(targets):
+            fpr, tpr, _ = roc_curve(targets[:, c], probabilities[:, c])
+            auc = file_metrics["per_instrument"][code]["roc_auc"]
+            axis.plot(fpr, tpr, label=f"{code} ({auc:.2f})")
+    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title("ROC per instrument (file level)")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out / "roc_curves.png", dpi=100)
+    plt.close(figure)
+
+    predictions = (probabilities >= thresholds).astype(int)
+    matrices = {"true label co-occurrence": targets.T @ targets,
+                "true (rows) vs predicted (columns)": targets.T @ predictions}
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for axis, (title, matrix) in zip(axes, matrices.items()):
+        image = axis.imshow(matrix, cmap="viridis")
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6, color="w")
+        axis.set_xticks(x, labels, rotation=90)
+        axis.set_yticks(x, labels)
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(out / "label_matrix.png", dpi=100)
+    plt.close(figure)
+    return ["f1_per_instrument.png", "roc_curves.png", "label_matrix.png"]
+
+
+def embed_plot(model: FinetunedModel, data: str, out: Path, *, method: str = "tsne", batch_size: int = 32) -> int:
+    """2-D map of per-file embeddings (mean over windows), coloured by instrument and by genre; returns the count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    results = run_model(model, data, hop_seconds=None, batch_size=batch_size, skipped=[])
+    if len(results) < 3:
+        raise UserError(f"{data}: {len(results)} readable files; a map needs at least 3")
+    embeddings = np.stack([result.embeddings.mean(axis=0) for _, result in results])
+    if method == "tsne":
+        perplexity = min(30.0, (len(embeddings) - 1) / 3)
+        points = TSNE(perplexity=perplexity, init="pca", random_state=0).fit_transform(embeddings)
+    elif method == "pca":
+        points = PCA(n_components=2).fit_transform(embeddings)
+    else:
+        raise UserError(f"--method must be tsne or pca; got {method!r}")
+    instrument = [item.instruments[0] if len(item.instruments) == 1 else "several" if item.instruments else "none"
+                  for item, _ in results]
+    genre = [GENRE_NAMES[GENRES[item.genre]] if item.genre >= 0 else "unknown" for item, _ in results]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 6))
+    for axis, (title, colours) in zip(axes, {"instrument": instrument, "genre": genre}.items()):
+        for value in sorted(set(colours)):
+            mask = np.array([c == value for c in colours])
+            label = f"{value} ({INSTRUMENT_NAMES[value]})" if value in INSTRUMENT_NAMES else value
+            axis.scatter(points[mask, 0], points[mask, 1], s=14, label=label,
+                         color="lightgrey" if value in ("several", "unknown", "none") else None)
+        axis.set_title(f"{method.upper()} of clip embeddings by {title}")
+        axis.legend(fontsize=7, markerscale=1.5)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return len(results)
+
+
+def main(argv: list[str]) -> int:
+    """Evaluate a fine-tuned model on whole files."""
+    parser = argparse.ArgumentParser(prog="python -m finetune evaluate", description=main.__doc__)
+    parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
+    parser.add_argument("data", help="IRMAS test folder or test shard directory/URLs")
+    parser.add_argument("--out", default=None, help="report folder (default: <model>/../report)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
+    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    args = parser.parse_args(argv)
+    if args.hop_seconds is not None and args.hop_seconds <= 0:
+        raise UserError(f"--hop-seconds must be positive; got {args.hop_seconds}")
+    model = load_model(args.model)
+    out = Path(args.out) if args.out else Path(args.model).parent / "report"
+    report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
+                      batch_size=args.batch_size)
+    numbers = "  ".join(f"{name} {report[name]:.3f}" for name in HEADLINE if report[name] is not None)
+    print(f"{report['files']} files ({report['windows']} windows, {len(report['skipped'])} skipped): {numbers}")
+    print(f"report: {out / 'report.md'}  ({out / 'report.json'}; plots: {', '.join(report['plots'])})")
+    return 0
+
+
+def embed_main(argv: list[str]) -> int:
+    """Map clip embeddings of a fine-tuned model in 2-D, coloured by instrument and by genre."""
+    parser = argparse.ArgumentParser(prog="python -m finetune embed", description=embed_main.__doc__)
+    parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
+    parser.add_argument("data", help="IRMAS test folder or shard directory/URLs (shards carry genres)")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--method", choices=("tsne", "pca"), default="tsne")
+    args = parser.parse_args(argv)
+    count = embed_plot(load_model(args.model), args.data, Path(args.out), method=args.method)
+    print(f"{count} files mapped: {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,91 @@
+"""`python -m finetune predict MODEL FILE... [--timeline]`: one JSON object per file on stdout.
+
+Any length, sample rate, channel count and format that soundfile reads. A file that cannot be read gets an object with
+an `error` (one line, from `shards.audio`) and the others still get answers; the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from finetune.model import AGGREGATES, FileResult, FinetunedModel, infer, load_model, read_audio
+from shards.audio import BadAudio
+from shards.errors import UserError
+from shards.vocab import INSTRUMENT_NAMES
+
+
+def describe(model: FinetunedModel, name: str, result: FileResult, *, aggregate: str, timeline: bool) -> dict:
+    """The JSON answer for one file: instruments above threshold (most probable first), all probabilities."""
+    labels, thresholds = model.info.labels, np.array(model.info.thresholds)
+    probabilities = result.aggregate(aggregate)
+
+    def present(p: np.ndarray) -> list[str]:
+        return [labels[i] for i in np.argsort(-p, kind="stable") if p[i] >= thresholds[i]]
+
+    answer = {
+        "file": name,
+        "instruments": present(probabilities),
+        "names": [INSTRUMENT_NAMES[code] for code in present(probabilities)],
+        "probabilities": {code: round(float(p), 6) for code, p in zip(labels, probabilities)},
+        "duration": round(result.duration, 3),
+        "windows": len(result.starts),
+    }
+    if timeline:
+        clip = model.info.clip_seconds
+        answer["timeline"] = [
+            {"start": round(start, 3), "end": round(min(start + clip, result.duration), 3),
+             "instruments": present(p), "probabilities": {code: round(float(v), 6) for code, v in zip(labels, p)}}
+            for start, p in zip(result.starts, result.probabilities)
+        ]
+    return answer
+
+
+def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, aggregate: str | None = None,
+            hop_seconds: float | None = None, batch_size: int = 32) -> list[dict]:
+    """Answers in input order; unreadable files get {"file", "error"}."""
+    aggregate = aggregate or model.info.aggregate
+    errors: dict[int, str] = {}
+
+    def readable():
+        for index, name in enumerate(files):
+            try:
+                yield index, read_audio(name, model.info.sample_rate)
+            except BadAudio as error:
+                errors[index] = str(error)
+            except OSError as error:
+                errors[index] = f"unreadable: {error}"
+
+    answers: dict[int, dict] = {}
+    for index, result in infer(model, readable(), hop_seconds=hop_seconds, batch_size=batch_size):
+        answers[index] = describe(model, files[index], result, aggregate=aggregate, timeline=timeline)
+    return [answers.get(index) or {"file": name, "error": errors[index]} for index, name in enumerate(files)]
+
+
+def main(argv: list[str]) -> int:
+    """Name the instruments in audio files of any length."""
+    parser = argparse.ArgumentParser(prog="python -m finetune predict", description=main.__doc__)
+    parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
+    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...)")
+    parser.add_argument("--timeline", action="store_true", help="also give every window's probabilities")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
+    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    args = parser.parse_args(argv)
+    if args.hop_seconds is not None and args.hop_seconds <= 0:
+        raise UserError(f"--hop-seconds must be positive; got {args.hop_seconds}")
+    model = load_model(args.model)
+    answers = predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,
+                      hop_seconds=args.hop_seconds, batch_size=args.batch_size)
+    for answer in answers:
+        print(json.dumps(answer), flush=True)
+    failed = [answer["file"] for answer in answers if "error" in answer]
+    if failed:
+        print(f"error: {len(failed)} of {len(answers)} files could not be read: "
+              f"{', '.join(Path(name).name for name in failed)} (see their \"error\" objects)", file=sys.stderr)
+        return 1
+    return 0
