@@ -6,13 +6,15 @@ worker splitter, a seeded shuffle buffer, FLAC decoding with soundfile, random c
 fixed length, optional on-the-fly polyphonic mixing and contrastive views, and collates fixed-size batches.
 
 Why the epoch plan looks the way it does: under DDP every rank must run the same number of steps, or the
-rank that runs out first leaves the others waiting in an all-reduce forever. So each rank (and each
-DataLoader worker) reads an endless, deterministic stream -- shards split round-robin over an endless
-sequence of seeded shard permutations when there are at least as many shards as readers, otherwise every
-reader sees all shards and keeps every n-th sample -- and the stream is cut to exactly
-`batches_per_epoch` batches. The shard permutations depend only on (seed, epoch), so all ranks agree on
-the split; everything random after that is seeded by (seed, epoch, rank, worker), so an epoch can be
-replayed batch for batch (the trainer relies on this to resume mid-epoch).
+rank that runs out first leaves the others waiting in an all-reduce forever. So every rank reads an endless,
+deterministic sample sequence -- seeded shard permutations one after another, identical everywhere -- that
+is dealt out in runs of ceil(samples / world_size): one run to each rank in turn (the node splitter), and
+each rank's own samples again to its DataLoader workers (the worker splitter). A rank therefore opens only
+the shards that hold its runs (whole shards when shards outnumber ranks, single samples of a shared shard
+when they do not), sees about a 1/world_size share of the data per epoch whatever the shard sizes, never
+runs dry, and the stream is cut to exactly `batches_per_epoch` batches. Everything random after the split
+is seeded by (seed, epoch, rank, worker), so an epoch replays batch for batch (the trainer resumes mid-epoch
+by re-creating the epoch and skipping the batches it already consumed).
 
 `eval_samples` yields every sample exactly once across ranks, full length, in a fixed order.
 """
@@ -115,7 +117,7 @@ def _resolve(fs: fsspec.AbstractFileSystem, path: str, *, shown: str) -> list[st
 
 
 def _is_shard(path: str) -> bool:
-    """A finished shard: pack writes under a hidden temporary name and renames when the shard is complete."""
+    """A finished shard: pack writes `shard-NNNNNN.tar.tmp` and renames it when the shard is complete."""
     name = path.rsplit("/", 1)[-1]
     return name.endswith(".tar") and not name.startswith(".")
 
@@ -161,9 +163,9 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
                 shards = json.load(stream).get("shards", [])
         except (OSError, ValueError, ImportError, AttributeError):
             continue
-        for shard in shards:
-            if isinstance(shard, dict) and "path" in shard and "count" in shard:
-                counts[f"{outdir}/{shard['path']}"] = int(shard["count"])
+        for shard in shards:  # {"path": "train/shard-000000.tar", "samples": n, ...}
+            if isinstance(shard, dict) and "path" in shard and "samples" in shard:
+                counts[f"{outdir}/{shard['path']}"] = int(shard["samples"])
     return counts
 
 
@@ -172,7 +174,8 @@ def _scan_count(url: str) -> int:
     keys = set()
     stream = _open(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r:" if hasattr(stream, "seek") and stream.seekable() else "r|") as tar:
+        seekable = getattr(stream, "seekable", lambda: False)()
+        with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
             for member in tar:
                 key, _ = wds.tariterators.base_plus_ext(member.name)
                 if member.isreg() and key is not None:
@@ -247,23 +250,29 @@ def _split_by_rank(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
     holding any of its samples (and which ones). Every rank gets an endless stream, whole shards where shards
     are larger than a rank's share, single samples where there are fewer samples than ranks."""
     for shard in src:
-        picks = [g for g in range(shard["start"], shard["start"] + shard["count"]) if _owner(g, plan.chunk, plan.world_size) == plan.rank]
+        indices = range(shard["start"], shard["start"] + shard["count"])
+        picks = [g for g in indices if (g // plan.chunk) % plan.world_size == plan.rank]
         if picks:
             yield dict(shard, picks=picks)
 
 
 def _split_by_worker(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
-    """Worker splitter: the same dealing again inside this rank's own sample sequence, in runs of chunk/workers."""
+    """Worker splitter: each worker owns a contiguous part of every `period` samples of the rank's own sequence,
+    sized by its share of the batches, so the workers together consume the rank's samples in order."""
     worker, workers = _worker()
-    run = math.ceil(plan.chunk / workers)
+    period = max(plan.chunk, plan.batches)  # >= batches: every worker with batches to make owns some samples
+    before = sum(_batch_quota(plan.batches, w, workers) for w in range(worker))
+    low = period * before // plan.batches
+    high = period * (before + _batch_quota(plan.batches, worker, workers)) // plan.batches
     for shard in src:
-        picks = [g for g in shard["picks"] if _owner(_local(g, plan.chunk, plan.world_size), run, workers) == worker]
+        picks = [g for g in shard["picks"] if low <= _local(g, plan.chunk, plan.world_size) % period < high]
         if picks:
             yield dict(shard, picks=picks)
 
 
-def _owner(index: int, run: int, readers: int) -> int:
-    return (index // run) % readers
+def _batch_quota(batches: int, worker: int, workers: int) -> int:
+    """Batches that `worker` makes: the DataLoader takes one from each worker in turn, so the total is exact."""
+    return batches // workers + (worker < batches % workers)
 
 
 def _local(index: int, run: int, readers: int) -> int:
@@ -315,16 +324,17 @@ class _Example:
 
 
 def _metadata(sample: dict) -> dict:
+    """The sample's json, checked: both files present, known instrument and genre codes."""
+    where = f"{sample.get('__url__')}: sample {sample['__key__']}"
+    for extension in ("flac", "json"):
+        if extension not in sample:
+            raise UserError(f"{where} has no .{extension} file; re-pack the shards with `python -m shards pack`")
     try:
         meta = json.loads(sample["json"])
         vocab.parse_instruments(meta.get("instruments") or [])
         vocab.genre_index(meta.get("genre"))
-    except KeyError as error:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} lacks {error}; re-pack the shards") from None
-    except (ValueError, vocab.UnknownLabel) as error:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error}; re-pack the shards") from None
-    if "flac" not in sample:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no .flac; re-pack the shards")
+    except ValueError as error:  # bad json or an UnknownLabel
+        raise UserError(f"{where}: {error}; re-pack the shards with `python -m shards pack`") from None
     return meta
 
 
@@ -436,9 +446,7 @@ def _collate(examples: list[_Example]) -> dict:
 
 
 def _quota(src: Iterator[dict], *, plan: _Plan) -> Iterator[dict]:
-    """This worker's share of the rank's batches: the DataLoader interleaves workers, the total is exact."""
-    worker, workers = _worker()
-    return islice(src, plan.batches // workers + (worker < plan.batches % workers))
+    return islice(src, _batch_quota(plan.batches, *_worker()))
 
 
 # ----------------------------------------------------------------------------------------------------
