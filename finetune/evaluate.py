@@ -184,7 +184,8 @@ def plot_report(file_metrics: dict, chunk_metrics: dict, probabilities: np.ndarr
         image = axis.imshow(matrix, cmap="viridis")
         for i in range(len(labels)):
             for j in range(len(labels)):
-                axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6, color="w")
+                axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                          color="k" if matrix[i, j] > matrix.max() / 2 else "w")
         axis.set_xticks(x, labels, rotation=90)
         axis.set_yticks(x, labels)
         axis.set_title(title)

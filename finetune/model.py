@@ -69,6 +69,7 @@ class Classifier(nn.Module):
             tokens, embedding = scale_grad(tokens, backbone_grad), scale_grad(embedding, backbone_grad)
         return self.head(tokens, embedding)
 
+    @torch.inference_mode()
     def predict(self, audio: Tensor) -> tuple[Tensor, Tensor]:
         """(probabilities (B, classes), pooled embedding (B, D)) in eval mode."""
         output = self.encode(audio)
