@@ -12,12 +12,13 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as T
 from einops import rearrange
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: below one 16-bit step after encoding, i.e. nothing would be stored
@@ -113,9 +114,16 @@ def convert(block: np.ndarray, rate: int, *, sample_rate: int, channels: int) ->
         block = mono if channels == 1 else np.repeat(mono, channels, axis=1)
     if rate != sample_rate:
         wave = torch.from_numpy(np.ascontiguousarray(rearrange(block, "t c -> c t")))
-        wave = AF.resample(wave, rate, sample_rate)
+        with torch.inference_mode():
+            wave = _resampler(rate, sample_rate)(wave)
         block = rearrange(wave.numpy(), "c t -> t c")
     return np.clip(block, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=16)
+def _resampler(rate: int, sample_rate: int) -> T.Resample:
+    """A resampler per rate pair: building the windowed-sinc kernel costs more than applying it to a clip."""
+    return T.Resample(rate, sample_rate)
 
 
 def encode_flac(block: np.ndarray, sample_rate: int) -> bytes:

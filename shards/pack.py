@@ -23,10 +23,12 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
@@ -127,8 +129,6 @@ def encode_record(record: Record, *, options: PackOptions) -> Packed | Skip:
 
 
 def _worker_init() -> None:
-    import torch
-
     torch.set_num_threads(1)  # parallelism comes from the processes
 
 
@@ -338,15 +338,10 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     _write_json(outdir / STATE, state)
 
     encode = partial(encode_record, options=options)
-    pool = _pool(workers) if workers > 1 else None
-    try:
+    with _pool(workers) if workers > 1 else _one_thread() as pool:
         for split in splits:
             split_records = [r for r, s in zip(records, assigned) if s == split]
             _pack_split(split_records, outdir, split, state, encode, pool, options, progress)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
     counts = {split: assigned.count(split) for split in splits}
     manifest = build_manifest(found, counts, state, options, input_path)
@@ -360,6 +355,18 @@ def _pool(workers: int) -> multiprocessing.pool.Pool:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["shards.pack"])
     return context.Pool(workers, initializer=_worker_init)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """In-process packing with one torch thread: per-clip resampling is too small to gain from threads,
+    and on a busy machine their contention makes it several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield None
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, encode, pool, options: PackOptions,
