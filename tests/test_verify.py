@@ -1,0 +1,86 @@
+"""verify names damaged shards and fails; stats tabulates and plots what the manifest holds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from irmas_fixtures import make_irmas_test
+
+from shards.errors import UserError
+from shards.pack import MANIFEST, PackOptions, pack
+from shards.verify import load_manifest, plot_classes, stats_table, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("verify")
+    tree = make_irmas_test(base / "in", seconds=0.5)
+    pack(tree.root, base / "out", options=PackOptions(source="irmas-test", shard_size=4),
+         progress=False, print_fn=lambda *_: None)
+    return base / "out"
+
+
+def run_verify(outdir: Path) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    return verify(outdir, print_fn=lines.append), lines
+
+
+def test_a_whole_pack_verifies(packed):
+    status, lines = run_verify(packed)
+    assert status == 0
+    assert lines[:4] == [f"test/shard-00000{i}.tar: ok" for i in range(4)]
+    assert lines[-1].startswith("verify: 4 shard(s), 16 samples")
+
+
+def test_a_truncated_shard_is_named_and_fails(packed, tmp_path):
+    outdir = tmp_path / "out"
+    shutil.copytree(packed, outdir)
+    victim = outdir / "test" / "shard-000002.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    (outdir / "test" / "shard-000004.tar.tmp").write_bytes(b"partial")
+    result = subprocess.run([sys.executable, "-m", "shards", "verify", str(outdir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    bad = [line for line in result.stdout.splitlines() if "BAD" in line]
+    assert bad[0].startswith("test/shard-000002.tar: BAD:") and "truncated" in bad[0]
+    assert "decodable samples" in bad[0]
+    assert bad[1] == "test/shard-000004.tar.tmp: BAD: partial shard of an unfinished pack"
+    assert "test/shard-000001.tar: ok" in result.stdout
+
+
+def test_an_altered_sample_is_found_by_checksum_and_decode(packed, tmp_path):
+    outdir = tmp_path / "out"
+    shutil.copytree(packed, outdir)
+    victim = outdir / "test" / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    start = data.index(b"fLaC")
+    data[start + 200 : start + 1200] = bytes(1000)  # zero a stretch of FLAC frames, same size
+    victim.write_bytes(bytes(data))
+    status, lines = run_verify(outdir)
+    assert status == 1
+    assert lines[1].startswith("test/shard-000001.tar: BAD: sha256 does not match")
+    (outdir / "test" / "shard-000003.tar").unlink()
+    status, lines = run_verify(outdir)
+    assert "test/shard-000003.tar: BAD: missing" in lines
+
+
+def test_stats_table_and_plot(packed, tmp_path, capsys):
+    manifest = load_manifest(packed)
+    table = stats_table(manifest)
+    assert table.splitlines()[0].startswith("irmas-test: 16 inputs, 16 packed, 0 skipped, 16 samples")
+    rows = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()}
+    assert rows["pia piano"][2] == str(manifest["instruments"]["pia"])
+    assert rows["total"][1] == "16"
+    png = plot_classes(manifest, tmp_path / "plots" / "classes.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_manifest_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=f"{MANIFEST}: not found"):
+        load_manifest(tmp_path)
