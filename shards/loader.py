@@ -339,8 +339,12 @@ def _metadata(sample: dict) -> dict:
 
 
 def _mono(frames: np.ndarray, rate: int, sample_rate: int) -> torch.Tensor:
-    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`."""
-    audio = torch.from_numpy(frames).mean(dim=1)
+    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`.
+
+    The channel mean is numpy's: torch's intra-op threads make this tiny reduction slow on a busy machine.
+    """
+    mono = frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
+    audio = torch.from_numpy(np.ascontiguousarray(mono))
     if rate != sample_rate:
         audio = torchaudio.functional.resample(audio, rate, sample_rate)
     return audio
