@@ -336,11 +336,12 @@ def _log_images(
 ) -> None:
     from PIL import Image
 
-    was_training = unwrapped.training
+    was_training, states = unwrapped.training, _rng_states()  # pictures must not change the training run
     unwrapped.eval()
     with torch.no_grad():
         pictures = images(unwrapped, batch)
     unwrapped.train(was_training)
+    _set_rng_states(states)
     folder = output_dir / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for name, picture in pictures.items():

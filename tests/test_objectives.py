@@ -1,0 +1,216 @@
+"""Pretraining objectives on the real frontend and backbone: structure of masks and corruptions, and learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.backbone import BackboneConfig, patchify
+from pretrain.objectives import (
+    ORIGINAL,
+    REPLACED,
+    SHUFFLED,
+    ElectraConfig,
+    MAEConfig,
+    MetricConfig,
+    ObjectivesConfig,
+    Pretrainer,
+    balanced_accuracy,
+    block_scores,
+    corrupt_patches,
+    frequency_band_scores,
+    hierarchical_triplets,
+    hierarchy_levels,
+    mask_from_scores,
+    masked_patch_loss,
+    random_scores,
+    time_band_scores,
+)
+from shards import vocab
+
+GRID = (8, 6)  # 1 s clips: 8 frequency x 6 time patches
+TINY = BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_frames=98)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine's 2 cores are shared; one thread per test process is much faster than oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gliding_tones(count: int, seed: int, seconds: float = 1.0, sample_rate: int = 16000) -> torch.Tensor:
+    """(count, samples) harmonic tones with a random pitch, timbre, glide and tremolo: structure to learn."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 110 * 2 ** (torch.rand(count, 1, 1, generator=g) * 3)
+    harmonics = torch.arange(1, 25)[None, :, None]
+    frequency = f0 * harmonics * (1 + 0.3 * t)
+    amplitude = torch.rand(count, 24, 1, generator=g) / harmonics.sqrt() * (frequency < 8000)
+    audio = (amplitude * torch.sin(2 * math.pi * frequency * t)).sum(1)
+    tremolo = (1 + torch.sin(2 * math.pi * torch.rand(count, 1, generator=g) * 4 * t)) / 2
+    return 0.1 * audio * tremolo + 0.001 * torch.randn(count, t.numel(), generator=g)
+
+
+def pretrainer(**weights: float) -> Pretrainer:
+    torch.manual_seed(0)
+    mae = MAEConfig(weight=weights.get("mae", 0.0), decoder_hidden_size=64, decoder_layers=1, decoder_heads=4,
+                    decoder_intermediate_size=128)
+    return Pretrainer(backbone=TINY, objectives=ObjectivesConfig(
+        mae=mae, electra=ElectraConfig(weight=weights.get("electra", 0.0)),
+        metric=MetricConfig(weight=weights.get("metric", 0.0), projection_size=32)))
+
+
+@pytest.fixture(scope="module")
+def features() -> dict[str, torch.Tensor]:
+    """Log-mel features of training and held-out tones, computed once (B, T, F)."""
+    torch.set_num_threads(1)
+    model = pretrainer(mae=1.0)
+    with torch.no_grad():
+        return {"train": model.features(gliding_tones(128, seed=0))[:, 0],
+                "held_out": model.features(gliding_tones(32, seed=1))[:, 0]}
+
+
+@pytest.mark.parametrize("scores", [random_scores, time_band_scores, frequency_band_scores, block_scores])
+def test_masking_masks_the_asked_share_and_keeps_the_rest_in_token_order(scores):
+    keep, masked = mask_from_scores(scores(4, GRID, torch.device("cpu")), 0.75)
+    assert keep.shape == (4, 12) and masked.sum(1).tolist() == [36] * 4
+    assert torch.equal(keep, keep.sort(1).values)
+    assert not masked.gather(1, keep).any()
+
+
+def test_band_and_block_masking_are_structured():
+    torch.manual_seed(0)
+    _, masked = mask_from_scores(time_band_scores(16, GRID, torch.device("cpu")), 0.5)  # 3 of 6 columns
+    columns = masked.view(16, *GRID)
+    assert (columns.all(dim=1) | ~columns.any(dim=1)).all()  # whole time columns, masked or not
+    _, masked = mask_from_scores(frequency_band_scores(16, GRID, torch.device("cpu")), 0.5)  # 4 of 8 rows
+    rows = masked.view(16, *GRID)
+    assert (rows.all(dim=2) | ~rows.any(dim=2)).all()
+    _, masked = mask_from_scores(block_scores(16, GRID, torch.device("cpu"), size=2), 0.5)  # 6 of 12 blocks
+    blocks = masked.view(16, 4, 2, 3, 2)
+    assert (blocks.all(dim=(2, 4)) | ~blocks.any(dim=(2, 4))).all()
+
+
+def test_corruption_shuffles_within_the_clip_and_replaces_from_other_clips():
+    torch.manual_seed(0)
+    patches = torch.randn(4, 48, 256)
+    corrupted, labels = corrupt_patches(patches, ratio=0.25, replace_fraction=0.5)
+    assert (labels != ORIGINAL).sum(1).tolist() == [12] * 4
+    assert (labels == SHUFFLED).sum(1).tolist() == [6] * 4
+    assert torch.equal(corrupted[labels == ORIGINAL], patches[labels == ORIGINAL])
+    for clip in range(4):
+        own = patches[clip]
+        for position in (labels[clip] != ORIGINAL).nonzero().flatten():
+            patch = corrupted[clip, position]
+            assert not torch.equal(patch, own[position])  # nothing stays where it was
+            from_own = (own == patch).all(dim=1).any()
+            others = torch.cat([patches[:clip], patches[clip + 1:]]).flatten(0, 1)
+            from_other = (others == patch).all(dim=1).any()
+            assert bool(from_own) == (labels[clip, position] == SHUFFLED)
+            assert bool(from_other) == (labels[clip, position] == REPLACED)
+
+
+def test_triplet_margins_grow_with_distance_in_the_label_hierarchy():
+    codes = [vocab.INSTRUMENTS[0], vocab.INSTRUMENTS[9], vocab.INSTRUMENTS[6]]  # cello, violin (strings), piano
+    same_family = vocab.FAMILY_OF[codes[0]] == vocab.FAMILY_OF[codes[1]] != vocab.FAMILY_OF[codes[2]]
+    assert same_family
+    clips = [[codes[0]], [codes[0], codes[2]], [codes[1]], [codes[2]]]  # multi-label clip 1 shares cello and piano
+    targets = torch.from_numpy(np.stack([vocab.multi_hot(c) for c in clips]))
+    families = torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in clips]))
+    levels = hierarchy_levels(targets, families)
+    assert levels[0].tolist() == [0, 0, 1, 2] and levels[1, 3] == 0
+    genre = torch.tensor([0, 0, 0, 1])
+    config = MetricConfig(family_margin=0.1, different_margin=0.3, genre_margin=0.05)
+    a, p, n, margins = hierarchical_triplets(levels, genre, config=config)
+    found = {(int(x), int(y), int(z)): round(float(m), 4) for x, y, z, m in zip(a, p, n, margins)}
+    assert found[(0, 1, 2)] == 0.1  # positive shares the instrument, negative only the family
+    assert found[(0, 1, 3)] == 0.35  # negative shares no family, and its genre differs
+    assert found[(0, 2, 3)] == 0.25  # positive shares only the family: the gap between the two levels + genre
+    assert (1, 0, 3) not in found  # clip 3 shares piano with clip 1: it is a positive there, never a negative
+    assert all(levels[x, y] < levels[x, z] for x, y, z in found)
+
+
+@pytest.mark.parametrize("objective", ["mae", "electra", "metric"])
+def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, features):
+    model = pretrainer(**{objective: 1.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    batch_features = features["train"][:16]
+    labels = [[vocab.INSTRUMENTS[i % 11]] for i in range(16)]
+    batch = {"targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
+             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
+             "genre": torch.arange(16) % 5, "labelled": torch.arange(16) % 4 != 0}
+    views = torch.stack([batch_features, batch_features.roll(3, dims=1)], dim=1)  # two crops of each clip
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step)
+        if objective == "metric":
+            terms = model.metric_terms(views, batch)
+            loss = terms["ntxent"] + terms["triplet"]
+        else:
+            loss = getattr(model, objective)(batch_features)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.9 * first, (objective, losses)
+
+
+def test_mae_reconstructs_held_out_masked_patches_better_than_the_mean_patch(features):
+    model = pretrainer(mae=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(150):
+        model.mae(features["train"][(step % 8) * 16:][:16])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        seen = model.mae(features["train"])
+        mean_patch = seen["target"][seen["masked"]].mean(0)  # the best constant prediction
+        held = model.mae(features["held_out"])
+    baseline = masked_patch_loss(mean_patch.expand_as(held["target"]), held["target"], held["masked"])
+    assert held["loss"] < baseline - 0.02, (float(held["loss"]), float(baseline))
+
+
+def test_electra_head_beats_chance_on_held_out_clips(features):
+    model = pretrainer(electra=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(200):
+        model.electra(features["train"][(step % 8) * 16:][:16])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        held = model.electra(features["held_out"])
+    accuracy = balanced_accuracy(held["logits"], held["labels"])
+    assert accuracy > 0.45, accuracy  # chance: 1/3 (original, shuffled, replaced)
+
+
+def test_pretrainer_combines_weighted_objectives_and_draws_pictures():
+    model = pretrainer(mae=1.0, electra=0.5, metric=0.25)
+    audio = gliding_tones(4, seed=2)
+    labels = [[vocab.INSTRUMENTS[i]] for i in range(4)]
+    batch = {"audio": audio, "targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
+             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
+             "genre": torch.tensor([0, 1, -1, 2]), "labelled": torch.tensor([True, True, True, False])}
+    torch.manual_seed(0)
+    loss, logs = model(batch)
+    assert set(logs) >= {"mae", "electra", "metric", "metric_ntxent", "metric_triplet", "electra_balanced_accuracy"}
+    assert float(loss) == pytest.approx(logs["mae"] + 0.5 * logs["electra"] + 0.25 * logs["metric"], rel=1e-5)
+    loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused
+    pictures = model.images(batch)
+    frames = TINY.grid(98)[1] * 16
+    for picture in pictures.values():
+        assert picture.dtype.name == "uint8" and picture.shape == (3 * 128 + 8, frames, 3)
+    assert set(pictures) == {"mae/input-masked-reconstruction", "electra/corrupted-truth-detected"}
+    assert patchify(torch.zeros(1, frames, 128), 16).shape == (1, 48, 256)
