@@ -229,10 +229,6 @@ def test_cli_strict_summary_and_one_line_errors(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and "--strict" in result.stderr
     assert set((tmp_path / "out").iterdir()) >= {tmp_path / "out" / "test", tmp_path / "out" / MANIFEST}
 
-    missing = cli("pack", "irmas-train", str(tmp_path / "nowhere"), str(tmp_path / "o2"))
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
-    assert missing.stderr.startswith(f"error: {tmp_path / 'nowhere'}: input directory not found")
-
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -242,6 +238,8 @@ def test_cli_strict_summary_and_one_line_errors(tmp_path):
         (["pack", "folder", "IN", "OUT", "--shard-size", "0"], "--shard-size 0"),
         (["pack", "folder", "IN", "OUT", "--split", "a.b"], "--split 'a.b'"),
         (["pack", "folder", "EMPTY", "OUT"], "no audio files found"),
+        (["pack", "irmas-train", "NOWHERE", "OUT"], "NOWHERE: input directory not found"),
+        (["pack", "csv", "IN", "OUT"], "IN: CSV manifest not found"),
     ],
 )
 def test_cli_user_errors(argv, message, tmp_path, capsys):
@@ -249,7 +247,7 @@ def test_cli_user_errors(argv, message, tmp_path, capsys):
     write = tmp_path / "IN" / "a.wav"
     sf.write(write, np.full((800, 1), 0.1, dtype=np.float32), 8000)
     (tmp_path / "EMPTY").mkdir()
-    argv = [str(tmp_path / a) if a in ("IN", "OUT", "EMPTY") else a for a in argv]
+    argv = [str(tmp_path / a) if a in ("IN", "OUT", "EMPTY", "NOWHERE") else a for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     assert exit_info.value.code == 2

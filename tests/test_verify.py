@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from irmas_fixtures import make_irmas_test
 
-from shards.errors import UserError
+from shards.__main__ import main
+from shards.errors import UserError, run_cli
 from shards.pack import MANIFEST, PackOptions, pack
 from shards.verify import load_manifest, plot_classes, stats_table, verify
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +35,21 @@ def test_a_whole_pack_verifies(packed):
     assert lines[-1].startswith("verify: 4 shard(s), 16 samples")
 
 
-def test_a_truncated_shard_is_named_and_fails(packed, tmp_path):
+def test_a_truncated_shard_is_named_and_fails(packed, tmp_path, capsys):
     outdir = tmp_path / "out"
     shutil.copytree(packed, outdir)
     victim = outdir / "test" / "shard-000002.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     (outdir / "test" / "shard-000004.tar.tmp").write_bytes(b"partial")
-    result = subprocess.run([sys.executable, "-m", "shards", "verify", str(outdir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    bad = [line for line in result.stdout.splitlines() if "BAD" in line]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(["verify", str(outdir)]))
+    assert exit_info.value.code == 1
+    stdout = capsys.readouterr().out
+    bad = [line for line in stdout.splitlines() if "BAD" in line]
     assert bad[0].startswith("test/shard-000002.tar: BAD:") and "truncated" in bad[0]
     assert "decodable samples" in bad[0]
     assert bad[1] == "test/shard-000004.tar.tmp: BAD: partial shard of an unfinished pack"
-    assert "test/shard-000001.tar: ok" in result.stdout
+    assert "test/shard-000001.tar: ok" in stdout
 
 
 def test_an_altered_sample_is_found_by_checksum_and_decode(packed, tmp_path):
@@ -81,6 +79,10 @@ def test_stats_table_and_plot(packed, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_missing_manifest_is_a_user_error(tmp_path):
+def test_stats_cli_and_missing_manifest(packed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(["stats", str(packed), "--plot", str(tmp_path / "c.png")]))
+    assert exit_info.value.code == 0 and (tmp_path / "c.png").is_file()
+    assert "[instruments]" in capsys.readouterr().out
     with pytest.raises(UserError, match=f"{MANIFEST}: not found"):
         load_manifest(tmp_path)
