@@ -1,0 +1,245 @@
+"""Fine-tuning on real tar shards with a small real backbone: heads, adaptation modes, export, evaluation, predict."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import webdataset as wds
+
+from finetune.adapters import param_groups
+from finetune.heads import HeadConfig
+from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
+from finetune.metrics import tune_thresholds
+from finetune.model import cut_windows, load_model, read_audio, save_model, window_starts
+from finetune.train import FinetuneRecipe, build_classifier, model_info, validate
+from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.hub import save_pretrained
+from shards.loader import train_batches
+from shards.vocab import GENRES, INSTRUMENT_NAMES, INSTRUMENTS
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE = 16000
+CLIP = 1.0
+
+
+def chord(codes, *, seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
+    """A harmonic tone per instrument at an instrument-specific pitch, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    audio = sum(np.sin(2 * np.pi * 150 * 1.25 ** INSTRUMENTS.index(code) * h * t + rng.random() * 6) / h
+                for code in codes for h in (1, 2, 3))
+    return (0.3 * audio / max(1, len(codes)) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def write_shard(directory: Path, items: list[tuple[str, ...]], *, seed: int) -> Path:
+    """One shard in the pack format: <key>.flac (16-bit) + <key>.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(directory / "shard-000000.tar")) as writer:
+        for index, codes in enumerate(items):
+            buffer = io.BytesIO()
+            sf.write(buffer, chord(codes, seconds=3.0, seed=seed + index), RATE, format="FLAC", subtype="PCM_16")
+            key = f"{directory.name}-{index:04d}"
+            meta = {"key": key, "instruments": sorted(codes), "genre": GENRES[index % len(GENRES)], "drums": None,
+                    "song": key, "path": f"{key}.wav", "start": 0.0, "duration": 3.0, "sample_rate": RATE,
+                    "channels": 1, "num_samples": 3 * RATE, "source": "irmas-train"}
+            writer.write({"__key__": key, "flac": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    train = write_shard(root / "train", [(code,) for code in INSTRUMENTS for _ in range(3)], seed=0)
+    val = write_shard(root / "val", [(code,) for code in INSTRUMENTS for _ in range(2)], seed=1000)
+    return {"train": train, "val": val}
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = BackboneConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_frames=298)
+    return save_pretrained(Backbone(config), tmp_path_factory.mktemp("backbone"))
+
+
+def recipe_for(backbone_dir: Path, data: dict, **sections) -> FinetuneRecipe:
+    recipe = FinetuneRecipe(backbone=str(backbone_dir))
+    recipe.data.train, recipe.data.val = str(data["train"]), str(data["val"])
+    recipe.data.clip_seconds = CLIP  # 1 s windows keep the tests fast; the shards hold 3 s clips
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        setattr(getattr(recipe, section), key, value)
+    return recipe
+
+
+CASES = {
+    "linear-probe": dict(head__kind="linear", adapt__mode="probe"),
+    "mlp-full-lrd": dict(head__kind="mlp", adapt__mode="full", adapt__layer_decay=0.5),
+    "fluffy-attention-adapter": dict(head__kind="fluffy", head__pooling="attention", adapt__mode="adapter"),
+    "fluffy-parallel-adapter-focal": dict(head__kind="fluffy", adapt__mode="adapter", adapt__adapter_style="parallel",
+                                          loss__kind="focal", loss__label_smoothing=0.1),
+    "linear-lora": dict(head__kind="linear", adapt__mode="lora"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
+    torch.manual_seed(0)
+    recipe = recipe_for(backbone_dir, data, **CASES[case])
+    classifier = build_classifier(recipe)
+    counts, total = label_counts(data["train"])
+    criterion = MultiLabelLoss(config=recipe.loss, pos_weight=pos_weight_from_counts(counts, total, maximum=10.0))
+    batch = next(iter(train_batches(str(data["train"]), batch_size=8, clip_seconds=CLIP, mix_max=3,
+                                    mix_probability=0.5, seed=0)))
+    frozen = {name: p.detach().clone() for name, p in classifier.backbone.named_parameters() if "lora_" not in name}
+    optimizer = torch.optim.AdamW(param_groups(classifier, backbone=classifier.backbone, lr=3e-3, weight_decay=0.01,
+                                               layer_decay=recipe.adapt.layer_decay))
+
+    def loss() -> float:
+        classifier.eval()
+        with torch.no_grad():
+            value = float(criterion(classifier(batch["audio"]), batch["targets"]))
+        classifier.train()
+        return value
+
+    before = loss()
+    for _ in range(20):
+        criterion(classifier(batch["audio"]), batch["targets"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = loss()
+    assert after < 0.7 * before, (before, after)
+
+    mode = recipe.adapt.mode
+    changed = [name for name, p in classifier.backbone.named_parameters()
+               if name in frozen and not torch.equal(p, frozen[name])]
+    if mode in ("probe", "adapter", "lora"):
+        assert changed == []  # the pretrained weights are untouched
+    else:
+        assert changed
+    if mode in ("adapter", "lora"):
+        backbone_size = sum(p.numel() for name, p in classifier.backbone.named_parameters() if name in frozen)
+        extra = classifier.adapters.parameters() if mode == "adapter" else (
+            p for name, p in classifier.backbone.named_parameters() if "lora_" in name)
+        extra = list(extra)
+        assert all(p.requires_grad for p in extra)
+        assert 0 < sum(p.numel() for p in extra) < 0.2 * backbone_size
+        assert any(p.abs().sum() > 0 for p in extra if p.dim() == 2)
+
+    # The saved folder (LoRA merged, adapters stored beside the backbone) gives the trained model's probabilities.
+    classifier.eval()
+    info = model_info(recipe)
+    save_model(classifier, tmp_path / "model", info)
+    loaded = load_model(tmp_path / "model", device="cpu")
+    expected, _ = classifier.predict(batch["audio"])
+    actual, _ = loaded.classifier.predict(batch["audio"])
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "model" / "config.json").is_file() == (recipe.head.kind == "linear" and mode != "adapter")
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(data, backbone_dir, tmp_path_factory) -> Path:
+    """A linear-head LoRA model trained through the CLI with the shipped lora recipe."""
+    output = tmp_path_factory.mktemp("run")
+    run_cli("recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
+            f"data.val={data['val']}", f"output_dir={output}", "data.shuffle_buffer=32", "train.steps=12",
+            "train.batch_size=8", "train.warmup_steps=2", "train.checkpoint_every=6", "adapt.warmup_head_steps=3",
+            "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5")
+    return output / "model"
+
+
+def test_thresholds_come_from_validation(trained, data):
+    model = load_model(trained, device="cpu")
+    saved = json.loads((trained / "thresholds.json").read_text())
+    assert list(saved) == list(INSTRUMENTS)
+    meta = json.loads((trained / "finetune.json").read_text())
+    assert meta["validation"]["count"] == 2 * len(INSTRUMENTS)  # the validation shard, nothing else
+    probabilities, targets = validate(model.classifier, model.info, str(data["val"]), batch_size=16)
+    np.testing.assert_allclose(list(saved.values()), tune_thresholds(probabilities, targets), atol=1e-4)
+    assert not np.allclose(list(saved.values()), 0.5)
+
+
+def test_transformers_pipeline_matches_timbre(trained):
+    from transformers import pipeline
+
+    config = json.loads((trained / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert config["id2label"]["0"] == INSTRUMENT_NAMES[INSTRUMENTS[0]]
+    classify = pipeline("audio-classification", model=str(trained))
+    audio = chord(("pia", "voi"), seconds=CLIP, seed=7)
+    answer = classify({"raw": audio, "sampling_rate": RATE}, top_k=None)
+    model = load_model(trained, device="cpu")
+    ours, _ = model.classifier.predict(torch.from_numpy(audio)[None])
+    expected = {INSTRUMENT_NAMES[code]: float(p) for code, p in zip(INSTRUMENTS, ours[0])}
+    assert {item["label"] for item in answer} == set(expected)
+    for item in answer:
+        assert item["score"] == pytest.approx(expected[item["label"]], abs=1e-4)
+
+
+def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_path):
+    folder = tmp_path / "IRMAS-TestingData-Part1" / "Part 1"
+    folder.mkdir(parents=True)
+    long = np.stack([chord(("cel", "pia"), seconds=60.0, rate=44100, seed=3)] * 2, axis=1)
+    sf.write(folder / "Song, No. 1 - live-1.wav", long, 44100)
+    (folder / "Song, No. 1 - live-1.txt").write_text("cel\t\npia  \n")
+    sf.write(folder / "short-1.flac", chord(("vio",), seconds=1.0, rate=22050), 22050)
+    (folder / "short-1.txt").write_text("vio\n")
+    out = tmp_path / "report"
+    result = run_cli("evaluate", str(trained), str(tmp_path), "--out", str(out), "--hop-seconds", "2",
+                     "--aggregate", "max")
+    assert "macro_f1" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == 2 and report["skipped"] == []
+    for key in ("macro_f1", "micro_f1", "lrap", "hamming_score", "exact_match", "map", "per_instrument", "chunk"):
+        assert key in report
+    for plot in report["plots"]:
+        assert (out / plot).stat().st_size > 0
+    assert (out / "report.md").read_text().startswith("# Evaluation report")
+
+    model = load_model(trained, device="cpu")
+    audio = read_audio(folder / "Song, No. 1 - live-1.wav", RATE)
+    windows, starts = cut_windows(audio, model.window, 2 * RATE)
+    assert starts == window_starts(60 * RATE, RATE, 2 * RATE) and starts[-1] == 59 * RATE
+    one_by_one = np.stack([model.classifier.predict(window[None])[0][0].numpy() for window in windows])
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    long_file = next(p for p in predictions if p["file"].endswith("live-1.wav"))
+    assert long_file["windows"] == len(starts) == 31
+    np.testing.assert_allclose([long_file["probabilities"][code] for code in INSTRUMENTS], one_by_one.max(axis=0),
+                               atol=1e-5)
+
+
+def test_predict_survives_a_corrupt_file(trained, tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, chord(("sax",), seconds=7.3, rate=48000), 48000)
+    short = tmp_path / "short.ogg"
+    sf.write(short, np.stack([chord(("flu",), seconds=0.6, rate=8000)] * 3, axis=1), 8000, format="OGG")
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    result = run_cli("predict", str(trained), str(good), str(corrupt), str(short), "--timeline", check=False)
+    assert result.returncode == 1
+    assert "1 of 3 files could not be read" in result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["file"] for a in answers] == [str(good), str(corrupt), str(short)]
+    assert "error" in answers[1] and "probabilities" not in answers[1]
+    for answer in (answers[0], answers[2]):
+        assert set(answer["probabilities"]) == set(INSTRUMENTS)
+        assert len(answer["timeline"]) == answer["windows"]
+    assert answers[0]["windows"] == 14 and answers[2]["windows"] == 1  # 7.3 s: 0, 0.5, ..., 6, 6.3; 0.6 s: padded
+    assert answers[0]["timeline"][-1] == {**answers[0]["timeline"][-1], "start": 6.3, "end": 7.3}
