@@ -1,0 +1,163 @@
+"""End-to-end pretraining runs on real packed shards: 2-process DDP, kill-and-resume, W&B offline, recipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from irmas_fixtures import make_folder, make_irmas_train
+from pretrain.recipe import load_recipe
+from pretrain.trainer import latest_checkpoint
+from pretrain.train import PretrainRecipe
+from shards.errors import UserError
+from shards.pack import PackOptions, pack
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "0"]
+
+CHECKSUM_SCRIPT = '''
+import hashlib, sys
+from pathlib import Path
+from accelerate import PartialState
+from pretrain.recipe import load_recipe
+from pretrain.train import PretrainRecipe, run
+
+recipe = load_recipe(sys.argv[1], sys.argv[3:], PretrainRecipe)
+model, state = run(recipe, source=sys.argv[1])
+digest = hashlib.sha256()
+for name, tensor in sorted(model.state_dict().items()):
+    digest.update(name.encode())
+    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+rank = PartialState().process_index
+Path(sys.argv[2], f"rank-{rank}.txt").write_text(f"{state['step']} {digest.hexdigest()}")
+'''
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Real packed shards of uneven sizes: labelled IRMAS-layout clips and unlabeled segmented recordings."""
+    root = tmp_path_factory.mktemp("pretrain-shards")
+    labelled = make_irmas_train(root / "irmas", songs_per_class=2, excerpts=2, seconds=1.0)
+    pack(labelled.root, root / "irmas-shards", options=PackOptions(source="irmas-train", shard_size=13),
+         workers=1, progress=False)
+    unlabeled = make_folder(root / "folder", seconds=7.0)
+    pack(unlabeled.root, root / "unlabeled-shards",
+         options=PackOptions(source="folder", shard_size=9, segment_seconds=1.0), workers=1, progress=False)
+    return [str(root / "irmas-shards" / "train"), str(root / "unlabeled-shards" / "train")]
+
+
+def tiny_recipe(path: Path, shards: list[str], output_dir: Path, **train) -> Path:
+    """A deterministic tiny run with all three objectives."""
+    recipe = {
+        "data": {"shards": shards, "clip_seconds": 1.0, "shuffle_buffer": 16, "mix_max": 2},
+        "model": {"size": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
+        "objectives": {
+            "mae": {"weight": 1.0, "decoder_hidden_size": 32, "decoder_layers": 1, "decoder_heads": 2,
+                    "decoder_intermediate_size": 64, "masking": "mixed"},
+            "electra": {"weight": 0.5},
+            "metric": {"weight": 0.5, "projection_size": 32},
+        },
+        "train": {"steps": 8, "batch_size": 6, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 4,
+                  "log_every": 2, "seed": 3, **train},
+        "tracking": "none",
+        "output_dir": str(output_dir),
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_path):
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", shards, tmp_path / "run", steps=6, checkpoint_every=3)
+    script = tmp_path / "checksum.py"
+    script.write_text(CHECKSUM_SCRIPT)
+    env = {**environment(), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([ACCELERATE, "launch", *DDP_CPU, str(script), str(recipe), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [(tmp_path / f"rank-{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert ranks[0][0] == ranks[1][0] == "6"  # both ranks finished every step
+    assert ranks[0][1] == ranks[1][1]  # identical parameters after training
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+
+def run_pretrain(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "pretrain", str(recipe), *overrides], env=environment(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, tmp_path):
+    settings = {"steps": 16, "checkpoint_every": 4, "image_every": 8}
+    whole = tiny_recipe(tmp_path / "whole.yaml", shards, tmp_path / "whole", **settings)
+    result = run_pretrain(whole, "tracking=wandb")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrained 16 steps" in result.stdout and str(tmp_path / "whole" / "backbone") in result.stdout
+
+    killed = tiny_recipe(tmp_path / "killed.yaml", shards, tmp_path / "killed", **settings)
+    process = subprocess.Popen([PYTHON, "-m", "pretrain", str(killed)], env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step-000004" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name in ("step-000004", "step-000008", "step-000012")
+
+    result = run_pretrain(killed, "resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    final_whole = load_file(tmp_path / "whole" / "checkpoints" / "step-000016" / "model.safetensors")
+    final_resumed = load_file(tmp_path / "killed" / "checkpoints" / "step-000016" / "model.safetensors")
+    assert final_whole.keys() == final_resumed.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_resumed[name]), name
+
+    run_dir = next((tmp_path / "whole" / "wandb").glob("offline-run-*"))
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    for key in ("loss", "mae", "electra", "metric", "metric_ntxent", "metric_triplet", "lr", "grad_norm",
+                "clips_per_s", "mae/input-masked-reconstruction", "electra/corrupted-truth-detected"):
+        assert bytes([len(key)]) + key.encode() in data, key  # protobuf strings: length byte + name
+    assert list((run_dir / "files" / "media" / "images" / "mae").glob("*.png"))
+    card = (tmp_path / "whole" / "backbone" / "README.md").read_text()
+    assert "16 optimisation steps" in card and "mae" in card
+
+
+def test_checkpoint_selection_ignores_half_written_saves(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step-000004", "step-000008", ".tmp-step-000012", "step-000016"):
+        (checkpoints / name).mkdir(parents=True)
+    for name in ("step-000004", "step-000008"):
+        (checkpoints / name / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(checkpoints).name == "step-000008"  # step-000016 lacks its state: not complete
+
+
+def test_shipped_recipes_load_and_name_unknown_keys(tmp_path):
+    for path in sorted((ROOT / "recipes" / "pretrain").glob("*.yaml")):
+        recipe = load_recipe(path, [], PretrainRecipe)
+        assert recipe.objectives.enabled(), path
+        assert recipe.output_dir and recipe.data.shards
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(UserError, match="train.stepz"):
+        load_recipe(bad, [], PretrainRecipe)
