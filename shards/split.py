@@ -5,7 +5,8 @@ set into training. We stratify whole songs instead: each song is one row whose l
 the union of its excerpts' instruments and genres, and iterative stratification
 (Sechidis et al., 2011, via `iterative-stratification`) picks the validation songs so each
 class keeps close to `fraction` of its songs in validation. A single draw can still miss a
-class by several points, so we draw a few and keep the most balanced one.
+class by several points (and, on small sets, the overall size), so we draw several and
+keep the one whose excerpt counts are closest to `fraction` overall and per class.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from shards.sources import Record
 from shards.vocab import GENRES, NUM_INSTRUMENTS, genre_index, multi_hot
 
 TRAIN, VAL = "train", "val"
-CANDIDATES = 8  # stratified draws to choose from: the best of 8 is ~3x closer to the fraction than one draw
+CANDIDATES = 16  # stratified draws to choose from: the best is several times closer to the fraction than one draw
 
 
 def song_labels(records: Sequence[Record]) -> tuple[list[str], np.ndarray]:
@@ -28,10 +29,8 @@ def song_labels(records: Sequence[Record]) -> tuple[list[str], np.ndarray]:
     songs = sorted({r.song for r in records})
     row = {song: i for i, song in enumerate(songs)}
     labels = np.zeros((len(songs), NUM_INSTRUMENTS + len(GENRES)), dtype=np.int64)
-    for record in records:
-        labels[row[record.song], : NUM_INSTRUMENTS] |= multi_hot(record.instruments).astype(np.int64)
-        if record.genre is not None:
-            labels[row[record.song], NUM_INSTRUMENTS + genre_index(record.genre)] = 1
+    for record, excerpt in zip(records, excerpt_labels_of(records)):
+        labels[row[record.song]] |= excerpt
     return songs, labels
 
 
@@ -45,13 +44,30 @@ def split_by_song(records: Sequence[Record], *, fraction: float, seed: int) -> l
                         "drop --val-fraction or add more recordings")
     val_songs = max(1, min(len(songs) - 1, int(round(fraction * len(songs)))))
     splitter = MultilabelStratifiedShuffleSplit(n_splits=CANDIDATES, test_size=val_songs, random_state=seed)
-    candidates = [val_rows for _, val_rows in splitter.split(np.zeros(len(songs)), labels)]
-    chosen = {songs[i] for i in min(candidates, key=lambda rows: _imbalance(labels, rows, fraction))}
+    candidates = [{songs[i] for i in rows} for _, rows in splitter.split(np.zeros(len(songs)), labels)]
+    # judge the candidates on excerpts, which is what training and the stats table count
+    song_of = np.array([r.song for r in records])
+    excerpt_labels = np.concatenate([np.ones((len(records), 1), dtype=np.int64), excerpt_labels_of(records)], axis=1)
+    chosen = min(candidates, key=lambda val: _imbalance(excerpt_labels, np.isin(song_of, list(val)), fraction))
     return [VAL if r.song in chosen else TRAIN for r in records]
 
 
-def _imbalance(labels: np.ndarray, val_rows: np.ndarray, fraction: float) -> tuple[float, float]:
-    """(worst instrument, worst instrument-or-genre) distance of the validation share from `fraction`."""
-    share = labels[val_rows].sum(axis=0) / np.maximum(labels.sum(axis=0), 1)
-    gap = np.where(labels.sum(axis=0) > 0, np.abs(share - fraction), 0.0)
-    return float(gap[: NUM_INSTRUMENTS].max()), float(gap.max())
+def excerpt_labels_of(records: Sequence[Record]) -> np.ndarray:
+    """(records, instruments + genres) 0/1 labels of each excerpt."""
+    labels = np.zeros((len(records), NUM_INSTRUMENTS + len(GENRES)), dtype=np.int64)
+    for i, record in enumerate(records):
+        labels[i, :NUM_INSTRUMENTS] = multi_hot(record.instruments)
+        if record.genre is not None:
+            labels[i, NUM_INSTRUMENTS + genre_index(record.genre)] = 1
+    return labels
+
+
+def _imbalance(labels: np.ndarray, in_val: np.ndarray, fraction: float) -> float:
+    """How far the validation share is from `fraction`: overall + mean over instruments + mean over genres.
+
+    Column 0 of `labels` is all ones (the overall size), then instruments, then genres; absent labels don't count.
+    """
+    totals = labels.sum(axis=0)
+    gap = np.abs(labels[in_val].sum(axis=0) / np.maximum(totals, 1) - fraction)
+    groups = (slice(0, 1), slice(1, 1 + NUM_INSTRUMENTS), slice(1 + NUM_INSTRUMENTS, None))
+    return float(sum(gap[g][totals[g] > 0].mean() for g in groups if (totals[g] > 0).any()))
