@@ -6,12 +6,12 @@ Prints one JSON object:
           psutil) for a small input and one 10x larger (and the ratio: bounded memory keeps it near 1).
   loader: clips/s from the packed shards to collated batches with `shards.loader.train_batches`, against a
           per-file torch `Dataset` that reads each original 44.1 kHz stereo wav with soundfile and resamples
-          it per item (the usual baseline), both through a DataLoader with the same batch size and workers.
+          it per item (the usual baseline), with the same batch size and number of DataLoader workers.
 
 Inputs are IRMAS-layout 3 s, 44.1 kHz stereo wavs written with numpy + soundfile to a temporary folder.
 Each pack runs in a fresh subprocess so that memory and timing are its own; times exclude interpreter start.
 
-    python bench/shards.py [--small 64] [--shard-size 32] [--batch 32] [--repeats 2]
+    python bench/shards.py [--small 64] [--shard-size 32] [--batch 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -128,34 +128,32 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for both loaders")
-    parser.add_argument("--repeats", type=int, default=2, help="each figure is the best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="each figure is the best of this many runs")
     args = parser.parse_args()
     torch.set_num_threads(1)  # like a DataLoader worker; per-clip ops gain nothing from threads on a busy machine
+    load = [round(x, 2) for x in os.getloadavg()]  # other processes on the machine skew wall-clock ratios
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         small = write_inputs(root / "small", args.small)
         large = write_inputs(root / "large", 10 * args.small)
 
-        def best(source: Path, workers: int) -> dict:
-            runs = []
-            for repeat in range(args.repeats):
-                out = root / f"out-{source.parent.name}-{workers}-{repeat}"
-                runs.append(run_pack(source, out, workers=workers, shard_size=args.shard_size))
-            return max(runs, key=lambda run: run["clips_per_s"]) | {"peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
-
-        # Interleave worker counts so that load from other processes hits both alike.
-        small_one = best(small, 1)
-        large_one, large_two = best(large, 1), best(large, 2)
-        pack = {
-            "small_1_worker": small_one,
-            "large_1_worker": large_one,
-            "large_2_workers": large_two,
-            "speedup_2_vs_1_workers": round(large_two["clips_per_s"] / large_one["clips_per_s"], 2),
-            "peak_rss_large_vs_small": round(large_one["peak_rss_mib"] / small_one["peak_rss_mib"], 2),
+        # Interleave the configurations so that load from other processes hits all of them alike.
+        configs = {"small_1_worker": (small, 1), "large_1_worker": (large, 1), "large_2_workers": (large, 2)}
+        runs: dict[str, list[dict]] = {name: [] for name in configs}
+        for repeat in range(args.repeats):
+            for name, (source, workers) in configs.items():
+                out = root / f"{name}-{repeat}"
+                runs[name].append(run_pack(source, out, workers=workers, shard_size=args.shard_size))
+        pack = {  # fastest run of each, with the highest peak memory seen in any of its runs
+            name: max(done, key=lambda run: run["clips_per_s"]) | {"peak_rss_mib": max(r["peak_rss_mib"] for r in done)}
+            for name, done in runs.items()
         }
+        one, two, small_one = pack["large_1_worker"], pack["large_2_workers"], pack["small_1_worker"]
+        pack["speedup_2_vs_1_workers"] = round(two["clips_per_s"] / one["clips_per_s"], 2)
+        pack["peak_rss_large_vs_small"] = round(one["peak_rss_mib"] / small_one["peak_rss_mib"], 2)
 
-        shards = root / f"out-large-1-0" / "train"
+        shards = root / "large_1_worker-0" / "train"
         files = sorted(large.rglob("*.wav"))
         batches = math.ceil(len(files) / args.batch)
         shard_rates, file_rates = [], []
@@ -175,7 +173,8 @@ def main() -> None:
         }
 
     print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "load_average_at_start": load, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "input": {"small_clips": args.small, "large_clips": 10 * args.small, "seconds": SECONDS,
                   "sample_rate": RATE, "channels": CHANNELS, "shard_size": args.shard_size},
         "pack": pack,

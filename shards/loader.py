@@ -361,7 +361,9 @@ def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: ra
         rate, frames = audio.samplerate, audio.frames
         need = math.ceil(seconds * rate)
         for view in range(views):
-            audio.seek(rng.randint(0, frames - need) if frames > need else 0)
+            start = rng.randint(0, frames - need) if frames > need else 0
+            if start != audio.tell():  # a FLAC seek restarts the decoder; a whole clip needs none
+                audio.seek(start)
             clip = _mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
             clip = clip.numpy()[:length]
             offset = rng.randint(0, length - len(clip)) if frames < need else 0
