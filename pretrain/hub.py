@@ -259,6 +259,10 @@ def load_backbone(path_or_repo_id: str | os.PathLike) -> Backbone:
                         "convert the checkpoint with transformers' save_pretrained(safe_serialization=True)")
     preprocessor_path = directory / "preprocessor_config.json"
     extractor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else {}
+    if extractor.get("feature_extractor_type", "ASTFeatureExtractor") != "ASTFeatureExtractor" or not extractor.get(
+            "do_normalize", True):
+        raise UserError(f"{preprocessor_path}: Timbre computes normalised ASTFeatureExtractor features only; "
+                        "use an AST checkpoint whose extractor normalises (do_normalize true)")
     frontend = FrontendConfig(sample_rate=extractor.get("sampling_rate", 16000),
                               num_mel_bins=extractor.get("num_mel_bins", ast.get("num_mel_bins", 128)),
                               mean=extractor.get("mean", FrontendConfig.mean), std=extractor.get("std", FrontendConfig.std))

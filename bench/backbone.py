@@ -1,0 +1,99 @@
+"""Timbre's backbone against transformers' ASTModel of the same size, same weights, same 3 s input.
+
+Prints one JSON object: clips/s of forward (inference) and forward+backward for both models in fp32
+and under bf16 autocast, and the ratios Timbre / ASTModel. Measurements of the two models are
+interleaved so that load from other processes hits both alike; each figure is the best of `--repeats`.
+
+    python bench/backbone.py [--size tiny|small|base] [--batch 8] [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+# bench/shards.py is named like the package: keep this folder from shadowing `shards` (imported by pretrain).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import ASTModel  # noqa: E402
+
+from pretrain.backbone import Backbone, BackboneConfig  # noqa: E402
+from pretrain.hub import save_pretrained  # noqa: E402
+
+CLIP_FRAMES = 298  # 3 s at 16 kHz
+
+
+def step(model: torch.nn.Module, features: torch.Tensor, *, backward: bool, bf16: bool) -> None:
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with precision, (nullcontext() if backward else torch.inference_mode()):
+        output = model(features)
+        hidden = output.hidden if isinstance(model, Backbone) else output.last_hidden_state
+    if backward:
+        hidden.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+
+def clips_per_second(model: torch.nn.Module, features: torch.Tensor, *, backward: bool, bf16: bool) -> float:
+    start = time.perf_counter()
+    step(model, features, backward=backward, bf16=bf16)
+    return features.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    ours = Backbone(BackboneConfig.from_size(args.size, max_frames=CLIP_FRAMES)).train()
+    with tempfile.TemporaryDirectory() as folder:  # the same weights, through the exported Hub folder
+        save_pretrained(ours, folder)
+        theirs = ASTModel.from_pretrained(folder, attn_implementation="sdpa").train()
+    features = torch.randn(args.batch, CLIP_FRAMES, 128)
+    with torch.inference_mode():
+        difference = (ours(features).hidden - theirs(features).last_hidden_state).abs().max().item()
+
+    results: dict[str, dict[str, float]] = {}
+    for precision in ("fp32", "bf16"):
+        for mode in ("forward", "forward_backward"):
+            kwargs = dict(backward=mode == "forward_backward", bf16=precision == "bf16")
+            for model in (ours, theirs):  # warm-up: allocator, oneDNN kernels
+                step(model, features, **kwargs)
+            best = {"timbre": 0.0, "transformers": 0.0}
+            for _ in range(args.repeats):
+                best["timbre"] = max(best["timbre"], clips_per_second(ours, features, **kwargs))
+                best["transformers"] = max(best["transformers"], clips_per_second(theirs, features, **kwargs))
+            results[f"{mode}_{precision}"] = {name: round(value, 2) for name, value in best.items()}
+            results[f"{mode}_{precision}"]["ratio"] = round(best["timbre"] / best["transformers"], 3)
+    print(json.dumps({
+        "benchmark": "backbone",
+        "size": args.size,
+        "batch": args.batch,
+        "frames": CLIP_FRAMES,
+        "tokens": ours.grid(CLIP_FRAMES)[0] * ours.grid(CLIP_FRAMES)[1] + 2,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "max_abs_difference_fp32": difference,
+        "clips_per_second": results,
+        "bf16_speedup_timbre": {mode: round(results[f"{mode}_bf16"]["timbre"] / results[f"{mode}_fp32"]["timbre"], 3)
+                                for mode in ("forward", "forward_backward")},
+    }))
+
+
+if __name__ == "__main__":
+    main()
