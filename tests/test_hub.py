@@ -16,6 +16,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
 
+from pretrain.__main__ import main
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, LogMel
 from pretrain.hub import load_backbone, publish, save_pretrained
@@ -169,15 +170,20 @@ def test_publish_makes_one_commit_of_the_folder(exported, monkeypatch) -> None:
         assert Path(op.path_or_fileobj).read_bytes() == (folder / op.path_in_repo).read_bytes()
 
 
-def test_publish_dry_run_and_missing_token_from_the_command_line(exported, tmp_path: Path) -> None:
+def test_publish_dry_run_lists_the_files_without_a_token(exported, capsys) -> None:
+    _, folder = exported
+    assert main(["publish", str(folder), "--repo-id", "someone/timbre-tiny", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "would upload 4 files to https://huggingface.co/someone/timbre-tiny" in printed
+    assert all(f"  {name}\n" in printed for name in ("README.md", "config.json", "model.safetensors"))
+
+
+def test_publish_without_a_token_stops_with_one_line(exported, tmp_path: Path) -> None:
     _, folder = exported
     env = {name: value for name, value in os.environ.items() if name not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "pretrain", "publish", str(folder), "--repo-id", "someone/timbre-tiny"]
-    dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
-    assert dry.returncode == 0, dry.stderr
-    assert "would upload 4 files" in dry.stdout and "model.safetensors" in dry.stdout
-    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")  # no stored login either
+    refused = subprocess.run([sys.executable, "-m", "pretrain", "publish", str(folder), "--repo-id", "someone/x"],
+                             capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and refused.stderr.startswith("error: ")
     assert "hf auth login" in refused.stderr
