@@ -79,9 +79,9 @@ class LogMel(nn.Module):
             frames = waveform.float().unfold(-1, config.window_length, config.hop_length)  # (B, frames, window)
             frames = frames - frames.mean(dim=-1, keepdim=True)
             previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-            frames = (frames - PREEMPHASIS * previous) * self.window
+            frames = (frames - PREEMPHASIS * previous) * self.window.float()
             power = torch.fft.rfft(frames, n=config.fft_length).abs().square()
-            fbank = torch.matmul(power, self.mel_banks).clamp_min(LOG_FLOOR).log()
+            fbank = torch.matmul(power, self.mel_banks.float()).clamp_min(LOG_FLOOR).log()
             return (fbank - config.mean) / (2 * config.std)
 
 

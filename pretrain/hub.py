@@ -222,7 +222,7 @@ def model_card(config: BackboneConfig, card: dict) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
 
 
-def resolve(path_or_repo_id: str) -> Path:
+def resolve(path_or_repo_id: str, revision: str | None = None) -> Path:
     """A local folder as is; otherwise the Hub snapshot of the repository's config, preprocessor and safetensors files."""
     if Path(path_or_repo_id).is_dir():
         return Path(path_or_repo_id)
@@ -230,7 +230,7 @@ def resolve(path_or_repo_id: str) -> Path:
         raise UserError(f"{path_or_repo_id}: not a model folder; pass a folder with config.json and model.safetensors, "
                         "or a Hub id like MIT/ast-finetuned-audioset-10-10-0.4593")
     try:
-        return Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(path_or_repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except LocalEntryNotFoundError:
         raise UserError(f"{path_or_repo_id}: not a local folder and not in the Hub cache while offline; "
                         "unset HF_HUB_OFFLINE or download it first") from None
@@ -239,9 +239,12 @@ def resolve(path_or_repo_id: str) -> Path:
                         "check the id, your network and `hf auth login` for private repositories") from None
 
 
-def load_backbone(path_or_repo_id: str | os.PathLike) -> Backbone:
-    """A Backbone from a Timbre folder or any AST checkpoint (folder or Hub id), weights from safetensors only."""
-    directory = resolve(str(path_or_repo_id))
+def load_backbone(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Backbone:
+    """A Backbone from a Timbre folder or any AST checkpoint (folder or Hub id), weights from safetensors only.
+
+    `revision` picks a Hub branch, tag or commit, e.g. a `refs/pr/N` safetensors conversion of a pickle-only repo.
+    """
+    directory = resolve(str(path_or_repo_id), revision)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path}: missing; a backbone folder needs config.json and model.safetensors "
@@ -256,7 +259,7 @@ def load_backbone(path_or_repo_id: str | os.PathLike) -> Backbone:
     if not weight_files:
         found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
         raise UserError(f"{directory}: no .safetensors weights (found {found}); Timbre loads safetensors only, "
-                        "convert the checkpoint with transformers' save_pretrained(safe_serialization=True)")
+                        "convert the checkpoint with transformers' save_pretrained, or pick a Hub revision that has them")
     preprocessor_path = directory / "preprocessor_config.json"
     extractor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else {}
     if extractor.get("feature_extractor_type", "ASTFeatureExtractor") != "ASTFeatureExtractor" or not extractor.get(
