@@ -115,7 +115,8 @@ class PatchEmbedding(nn.Module):
             # Non-overlapping patches: the same convolution as one matmul, which is faster on CPUs.
             grid_f = features.shape[2] // self.patch_size
             weight = rearrange(self.projection.weight, "d 1 pf pt -> d (pf pt)")
-            tokens = F.linear(patchify(features, self.patch_size), weight, self.projection.bias)
+            tokens = F.linear(patchify(features[..., : grid_f * self.patch_size], self.patch_size), weight,
+                              self.projection.bias)
             return rearrange(tokens, "b (f t) d -> b f t d", f=grid_f)
         image = rearrange(features, "b t f -> b 1 f t")
         return rearrange(self.projection(image), "b d f t -> b f t d")
