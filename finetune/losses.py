@@ -30,7 +30,9 @@ class LossConfig:
 
 def label_counts(spec) -> tuple[np.ndarray, int]:
     """(positives per instrument, number of samples) from the shards' json metadata, without decoding audio."""
-    dataset = wds.WebDataset(shard_urls(spec), shardshuffle=False, empty_check=False).to_tuple("json")
+    # every process counts every shard (identity node splitter), so all ranks get the same pos_weight
+    dataset = wds.WebDataset(shard_urls(spec), shardshuffle=False, empty_check=False,
+                             nodesplitter=lambda urls: urls).to_tuple("json")
     counts = np.zeros_like(multi_hot([]))
     total = 0
     for (metadata,) in dataset:
@@ -57,7 +59,8 @@ class MultiLabelLoss(torch.nn.Module):
         self.config = config
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        """`weights` (B,) e.g. 0 for unlabelled clips, which have no negatives to learn from either."""
         logits = logits.float()
         eps = self.config.label_smoothing
         targets = targets * (1 - eps) + eps / 2
@@ -67,4 +70,7 @@ class MultiLabelLoss(torch.nn.Module):
             probability = torch.sigmoid(logits)
             p_true = probability * targets + (1 - probability) * (1 - targets)
             bce = bce * (1 - p_true).pow(self.config.focal_gamma)
-        return bce.mean()
+        if weights is None:
+            return bce.mean()
+        weights = weights.float()
+        return (bce.mean(dim=1) * weights).sum() / weights.sum().clamp_min(1.0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -178,7 +177,7 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
             audio = audio * 10 ** (decibels / 20)
         logits = model(audio, backbone_grad=0.0 if step < warmup else 1.0)
         criterion.to(logits.device)
-        return criterion(logits, batch["targets"]), {}
+        return criterion(logits, batch["targets"], batch["labelled"]), {}
 
     def batches(epoch: int):
         return train_batches(data.train, batch_size=recipe.train.batch_size, clip_seconds=data.clip_seconds,
@@ -206,6 +205,6 @@ def main(argv: list[str]) -> int:
         validation = json.loads(meta_file.read_text()).get("validation") or {}
         numbers = "  ".join(f"{name} {validation[name]:.3f}" for name in HEADLINE if name in validation)
         print(f"model: {model_dir}" + (f"\nvalidation: {numbers}" if numbers else
-                                       "\nvalidation: none (no data.val); thresholds left at 0.5"), file=sys.stderr)
+                                       "\nvalidation: none (no data.val); thresholds left at 0.5"))
     return 0
 

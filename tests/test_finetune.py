@@ -243,3 +243,23 @@ def test_predict_survives_a_corrupt_file(trained, tmp_path):
         assert len(answer["timeline"]) == answer["windows"]
     assert answers[0]["windows"] == 14 and answers[2]["windows"] == 1  # 7.3 s: 0, 0.5, ..., 6, 6.3; 0.6 s: padded
     assert answers[0]["timeline"][-1] == {**answers[0]["timeline"][-1], "start": 6.3, "end": 7.3}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "finetune", "recipes/finetune/adapter.yaml",
+         f"backbone={backbone_dir}", f"data.train={data['train']}", f"data.val={data['val']}",
+         f"output_dir={tmp_path / 'run'}", f"data.clip_seconds={CLIP}", "data.shuffle_buffer=16", "train.steps=4",
+         "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every=2", "adapt.warmup_head_steps=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("model: ") == 1  # the main process reports once
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["finished"]
+    model = load_model(tmp_path / "run" / "model", device="cpu")
+    assert model.classifier.adapters is not None and not (tmp_path / "run" / "model" / "config.json").exists()
