@@ -35,7 +35,7 @@ def publish_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int | None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "embed":
         from pretrain.embed import main as embed_main
