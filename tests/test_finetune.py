@@ -245,6 +245,18 @@ def test_predict_survives_a_corrupt_file(trained, tmp_path):
     assert answers[0]["timeline"][-1] == {**answers[0]["timeline"][-1], "start": 6.3, "end": 7.3}
 
 
+def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
+    from finetune.evaluate import embed_main, evaluate
+
+    model = load_model(trained, device="cpu")
+    report = evaluate(model, str(data["val"]), out=tmp_path / "report")
+    assert report["files"] == report["windows"] / 5 == 2 * len(INSTRUMENTS)  # 3 s clips, 1 s windows every 0.5 s
+    assert report["macro_f1"] == pytest.approx(json.loads((trained / "finetune.json").read_text())
+                                               ["validation"]["macro_f1"], abs=1e-6)
+    assert embed_main([str(trained), str(data["val"]), "--out", str(tmp_path / "map.png"), "--method", "pca"]) == 0
+    assert (tmp_path / "map.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
