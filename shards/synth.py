@@ -64,6 +64,9 @@ WITH_DRUMS, NO_DRUMS = DRUMS
 BATCH_SECONDS = 120.0  # stem audio rendered by one FluidSynth process
 GAP_SECONDS = 0.25  # silence between two stems in a batch (voices are killed at each stem's end)
 TICKS_PER_SECOND = 1000  # MIDI clock of the batch files: 1 tick = 1 ms (tempo 60 bpm, 1000 ticks per beat)
+# FluidSynth plays MIDI events at the first 64-sample block after their time, so stems start on multiples of
+# 640 ms (= 441 blocks at 44.1 kHz): every stem then sounds the same, sample for sample, wherever it is rendered.
+ALIGN_TICKS = 640
 DRUM_CHANNEL = 9
 
 
@@ -658,11 +661,11 @@ def _ticks(seconds: float) -> int:
 
 
 def stem_layout(stems: Sequence[tuple[float, list[Part]]]) -> list[int]:
-    """Start tick of each (seconds, parts) stem when they are laid one after another with a gap."""
+    """Start tick of each (seconds, parts) stem when they are laid one after another, block-aligned, with a gap."""
     starts, tick = [], 0
     for seconds, _ in stems:
         starts.append(tick)
-        tick += _ticks(seconds + GAP_SECONDS)
+        tick += -(-_ticks(seconds + GAP_SECONDS) // ALIGN_TICKS) * ALIGN_TICKS
     return starts
 
 

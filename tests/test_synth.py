@@ -1,0 +1,190 @@
+"""The synthetic IRMAS-like set: real FluidSynth renders read back by the real IRMAS parsers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shards import synth
+from shards.errors import UserError
+from shards.sources import scan
+from shards.vocab import DRUMS, GENRES, INSTRUMENTS, parse_instruments
+
+pytestmark = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="FluidSynth is not installed")
+
+OPTIONS = dict(train_per_class=2, test_files=4, unlabeled=3, seed=7)
+TRAIN_FRAMES = round(synth.TRAIN_SECONDS * synth.SAMPLE_RATE)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    synth.synthesize(out, workers=2, progress=False, **OPTIONS)
+    return out
+
+
+def wavs(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.wav"))
+
+
+def test_layout_parses_as_irmas(tree):
+    train = scan("irmas-train", tree / synth.TRAIN_DIR)
+    assert not train.skips and not train.ignored
+    assert [r.instruments for r in train.records].count(("cel",)) == OPTIONS["train_per_class"]
+    assert sorted({r.instruments[0] for r in train.records}) == sorted(INSTRUMENTS)
+    for record in train.records:
+        assert record.genre in GENRES and record.drums in (*DRUMS, None)
+        assert record.relpath.split("/")[0] == record.instruments[0]
+        assert re.fullmatch(r"(\d{3}__)?\[(\w{3})\](\[(dru|nod)\])?\[\w+\]\d{4}__\d\.wav", record.relpath.split("/")[1])
+    songs = {r.song for r in train.records}
+    assert len(songs) < len(train.records)  # some songs have several __K excerpts
+
+    test = scan("irmas-test", tree / synth.TEST_DIR)
+    assert not test.skips and len(test.records) == OPTIONS["test_files"]
+    for record in test.records:
+        assert 1 <= len(record.instruments) <= 4
+        assert record.relpath.startswith(f"{synth.TEST_INNER_DIR}/") and re.search(r"-\d+\.wav$", record.relpath)
+
+    unlabeled = scan("folder", tree / synth.UNLABELED_DIR)
+    assert len(unlabeled.records) == OPTIONS["unlabeled"]
+
+    summary = json.loads((tree / synth.SUMMARY).read_text())
+    assert summary["complete"] and summary["counts"] == {
+        "train": 11 * OPTIONS["train_per_class"], "test": OPTIONS["test_files"], "unlabeled": OPTIONS["unlabeled"]}
+    assert summary["options"]["seed"] == OPTIONS["seed"]
+    assert summary["train_instruments"] == {code: OPTIONS["train_per_class"] for code in sorted(INSTRUMENTS)}
+
+
+def test_audio_format_and_durations(tree):
+    for path in wavs(tree):
+        info = sf.info(path)
+        assert (info.samplerate, info.channels, info.subtype, info.format) == (44100, 2, "PCM_16", "WAV"), path
+        audio, _ = sf.read(path)
+        assert np.sqrt(np.mean(audio**2)) > 1e-3 and np.abs(audio).max() < 1.0, path
+        where = path.relative_to(tree).parts[0]
+        if where == synth.TRAIN_DIR:
+            assert info.frames == TRAIN_FRAMES
+        else:
+            low, high = synth.TEST_SECONDS if where == synth.TEST_DIR else synth.UNLABELED_SECONDS
+            assert low <= info.duration <= high + 0.01, (path, info.duration)
+    assert not list(tree.rglob("*.tmp"))
+
+
+def test_label_files(tree):
+    labels = sorted((tree / synth.TEST_DIR).rglob("*.txt"))
+    assert len(labels) == OPTIONS["test_files"]
+    for path in labels:
+        text = path.read_text()
+        assert path.with_suffix(".wav").is_file()
+        assert re.fullmatch(r"(\w{3}[\t ]?\n){1,4}", text), text
+        codes = parse_instruments(text)
+        assert len(codes) == len(text.splitlines())
+
+
+def test_test_names_are_awkward_like_irmas():
+    names = [Path(clip.path).stem for clip in synth.test_clips(0, 80)]
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r".+-\d", name) for name in names)
+    for character in " .,'&\"()":
+        assert any(character in name for name in names), character
+    songs = {re.sub(r"-\d+$", "", name) for name in names}
+    assert len(songs) < len(names)
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tree, tmp_path):
+    again = tmp_path / "again"
+    synth.synthesize(again, workers=1, progress=False, **OPTIONS)
+    first, second = wavs(tree), wavs(again)
+    assert [p.relative_to(tree) for p in first] == [p.relative_to(again) for p in second]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a
+    for a in sorted((tree / synth.TEST_DIR).rglob("*.txt")):
+        assert a.read_bytes() == (again / a.relative_to(tree)).read_bytes()
+    assert (tree / synth.SUMMARY).read_bytes() == (again / synth.SUMMARY).read_bytes()
+
+    other = synth.test_clips(OPTIONS["seed"] + 1, 4)
+    assert [c.path for c in other] != [c.path for c in synth.test_clips(OPTIONS["seed"], 4)]
+
+
+def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Least-squares gains of `stems` that best explain `mixture`, and the unexplained energy fraction."""
+    basis = np.stack([s.reshape(-1) for s in stems], axis=1).astype(np.float64)
+    target = mixture.reshape(-1).astype(np.float64)
+    gains, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    residual = target - basis @ gains
+    return gains, float(residual @ residual / (target @ target))
+
+
+def contributions(tree: Path, clip: synth.Clip, tmp: Path) -> list[float]:
+    """RMS (dB) of each stem inside the written file, found by rendering each stem alone, afresh."""
+    mixture, _ = sf.read(tree / clip.path, dtype="float32", always_2d=True)
+    stems = [synth.render_stems([(clip.seconds, parts)], synth.default_soundfont(), tmp)[0] for parts in clip.stems]
+    gains, unexplained = fit(mixture, stems)
+    assert unexplained < 1e-3, (clip.path, unexplained)  # the file is its stems: nothing bleeds from batch neighbours
+    return [20 * np.log10(abs(g) * np.sqrt(np.mean(s.astype(np.float64) ** 2))) for g, s in zip(gains, stems)]
+
+
+def test_predominant_instrument_is_clearly_louder(tree, tmp_path):
+    clips = synth.train_clips(OPTIONS["seed"], OPTIONS["train_per_class"])
+    checked = 0
+    for clip in clips[::4]:
+        if len(clip.stems) < 2:
+            continue
+        lead, accompaniment = contributions(tree, clip, tmp_path)
+        assert lead - accompaniment >= 6.0, (clip.path, lead, accompaniment)
+        assert len(clip.stems[0]) == 1 and clip.stems[0][0].program in {
+            p.program for p in synth.TIMBRES[clip.info["instrument"]].patches}
+        checked += 1
+    assert checked >= 3
+
+
+def test_every_labelled_instrument_is_audible(tree, tmp_path):
+    clips = [c for c in synth.test_clips(OPTIONS["seed"], OPTIONS["test_files"]) if len(c.labels) > 1]
+    assert clips
+    for clip in clips[:2]:
+        levels = contributions(tree, clip, tmp_path)
+        labelled = levels[: len(clip.labels)]
+        assert max(labelled) - min(labelled) <= 6.5, (clip.path, levels)
+        assert all(level < min(labelled) for level in levels[len(clip.labels):]), (clip.path, levels)
+
+
+def test_rerun_is_a_no_op_and_new_options_replace_the_tree(tmp_path):
+    out = tmp_path / "set"
+    small = dict(train_per_class=1, test_files=1, unlabeled=1, seed=1, workers=1, progress=False)
+    synth.synthesize(out, **small)
+    first = {p: p.stat().st_mtime_ns for p in wavs(out)}
+    assert synth.synthesize(out, **small)["counts"]["train"] == 11
+    assert {p: p.stat().st_mtime_ns for p in wavs(out)} == first
+    synth.synthesize(out, **{**small, "test_files": 0, "unlabeled": 2})
+    assert not (out / synth.TEST_DIR).exists() and len(wavs(out / synth.UNLABELED_DIR)) == 2
+
+    foreign = tmp_path / "foreign"
+    (foreign / synth.TRAIN_DIR).mkdir(parents=True)
+    with pytest.raises(UserError, match="not written by shards synth"):
+        synth.synthesize(foreign, **small)
+
+
+def test_vocabulary_tables_are_checked():
+    assert list(synth.TIMBRES) == list(INSTRUMENTS) and list(synth.STYLES) == list(GENRES)
+    with pytest.raises(RuntimeError, match="missing"):
+        synth._by_code({"cello": 1}, {"a": "cello", "b": "flute"}, ("a", "b"), "instrument")
+
+
+def test_missing_soundfont_is_one_line_error(tmp_path):
+    missing = tmp_path / "no-such-font.sf2"
+    result = subprocess.run([sys.executable, "-m", "shards", "synth", str(tmp_path / "out"), "--train-per-class", "1",
+                             "--soundfont", str(missing)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {missing}: SoundFont not found")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="not a SoundFont"):
+        synth.check_tools(Path(__file__))
