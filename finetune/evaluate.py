@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from finetune.metrics import multilabel_metrics
 from finetune.model import AGGREGATES, FinetunedModel, FileResult, infer, load_model, read_audio
@@ -66,8 +67,9 @@ def load_data(data: str, *, sample_rate: int, skipped: list[dict]) -> Iterator[t
 
 def run_model(model: FinetunedModel, data: str, *, hop_seconds: float | None, batch_size: int,
               skipped: list[dict]) -> list[tuple[Item, FileResult]]:
-    return list(infer(model, load_data(data, sample_rate=model.info.sample_rate, skipped=skipped),
-                      hop_seconds=hop_seconds, batch_size=batch_size))
+    results = infer(model, load_data(data, sample_rate=model.info.sample_rate, skipped=skipped),
+                    hop_seconds=hop_seconds, batch_size=batch_size)
+    return list(tqdm(results, desc="evaluate", unit=" files", leave=False))
 
 
 def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,8 @@ def describe(model: FinetunedModel, name: str, result: FileResult, *, aggregate:
 
 
 def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, aggregate: str | None = None,
-            hop_seconds: float | None = None, batch_size: int = 32) -> list[dict]:
-    """Answers in input order; unreadable files get {"file", "error"}."""
+            hop_seconds: float | None = None, batch_size: int = 32) -> Iterator[dict]:
+    """Answers in input order, as soon as each is ready; unreadable files get {"file", "error"}."""
     aggregate = aggregate or model.info.aggregate
     errors: dict[int, str] = {}
 
@@ -60,10 +61,14 @@ def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, 
             except OSError as error:
                 errors[index] = f"unreadable: {error}"
 
-    answers: dict[int, dict] = {}
+    done = 0  # infer yields in input order, so every file before `index` that it skipped has failed
     for index, result in infer(model, readable(), hop_seconds=hop_seconds, batch_size=batch_size):
-        answers[index] = describe(model, files[index], result, aggregate=aggregate, timeline=timeline)
-    return [answers.get(index) or {"file": name, "error": errors[index]} for index, name in enumerate(files)]
+        for failed in range(done, index):
+            yield {"file": files[failed], "error": errors[failed]}
+        yield describe(model, files[index], result, aggregate=aggregate, timeline=timeline)
+        done = index + 1
+    for failed in range(done, len(files)):
+        yield {"file": files[failed], "error": errors[failed]}
 
 
 def main(argv: list[str]) -> int:
@@ -79,13 +84,14 @@ def main(argv: list[str]) -> int:
     if args.hop_seconds is not None and args.hop_seconds <= 0:
         raise UserError(f"--hop-seconds must be positive; got {args.hop_seconds}")
     model = load_model(args.model)
-    answers = predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,
-                      hop_seconds=args.hop_seconds, batch_size=args.batch_size)
-    for answer in answers:
+    failed = []
+    for answer in predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,
+                          hop_seconds=args.hop_seconds, batch_size=args.batch_size):
         print(json.dumps(answer), flush=True)
-    failed = [answer["file"] for answer in answers if "error" in answer]
+        if "error" in answer:
+            failed.append(answer["file"])
     if failed:
-        print(f"error: {len(failed)} of {len(answers)} files could not be read: "
+        print(f"error: {len(failed)} of {len(args.files)} files could not be read: "
               f"{', '.join(Path(name).name for name in failed)} (see their \"error\" objects)", file=sys.stderr)
         return 1
     return 0
