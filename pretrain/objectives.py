@@ -151,8 +151,9 @@ def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, con
 
 
 @lru_cache(maxsize=16)
-def _decoder_positions(grid: tuple[int, int], dim: int) -> Tensor:
-    return rearrange(sincos_grid(grid[0], grid[1], dim), "f t d -> 1 (f t) d")
+def _decoder_positions(grid: tuple[int, int], dim: int, device: torch.device) -> Tensor:
+    """(1, N, dim) fixed 2D sin-cos positions of the decoder, made once per grid and device."""
+    return rearrange(sincos_grid(grid[0], grid[1], dim), "f t d -> 1 (f t) d").to(device)
 
 
 class MAEDecoder(nn.Module):
@@ -181,7 +182,7 @@ class MAEDecoder(nn.Module):
         batch, _, width = x.shape
         full = self.mask_token.to(x.dtype).expand(batch, grid[0] * grid[1], width)
         full = full.scatter(1, repeat(keep, "b k -> b k d", d=width), visible)
-        full = full + _decoder_positions(grid, width).to(device=x.device, dtype=x.dtype)
+        full = full + _decoder_positions(grid, width, x.device).to(x.dtype)
         x = torch.cat([special, full], dim=1)
         for block in self.blocks:
             x = block(x)
@@ -235,18 +236,20 @@ def corrupt_patches(patches: Tensor, *, ratio: float, replace_fraction: float) -
 
 def balanced_cross_entropy(logits: Tensor, labels: Tensor, classes: int = 3) -> Tensor:
     """Mean over the classes present of each class's mean cross-entropy (corruptions are rare)."""
-    per_patch = F.cross_entropy(rearrange(logits.float(), "b n c -> (b n) c"), labels.flatten(), reduction="none")
     flat = labels.flatten()
-    terms = [per_patch[flat == c].mean() for c in range(classes) if bool((flat == c).any())]
-    return torch.stack(terms).mean()
+    per_patch = F.cross_entropy(rearrange(logits.float(), "b n c -> (b n) c"), flat, reduction="none")
+    support = torch.bincount(flat, minlength=classes).float()
+    totals = torch.zeros(classes, device=logits.device).index_add(0, flat, per_patch)
+    return (totals / support.clamp_min(1)).sum() / (support > 0).sum()
 
 
-def balanced_accuracy(logits: Tensor, labels: Tensor, classes: int = 3) -> float:
-    """Mean per-class recall; chance is 1 / number of classes present."""
-    predicted = logits.argmax(dim=-1).flatten()
+def balanced_accuracy(logits: Tensor, labels: Tensor, classes: int = 3) -> Tensor:
+    """Mean per-class recall over the classes present (0-d tensor); chance is 1 / number of classes present."""
     flat = labels.flatten()
-    recalls = [(predicted[flat == c] == c).float().mean() for c in range(classes) if bool((flat == c).any())]
-    return float(torch.stack(recalls).mean())
+    correct = (logits.argmax(dim=-1).flatten() == flat).float()
+    support = torch.bincount(flat, minlength=classes).float()
+    hits = torch.zeros(classes, device=logits.device).index_add(0, flat, correct)
+    return (hits / support.clamp_min(1)).sum() / (support > 0).sum()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,25 +371,26 @@ class Pretrainer(nn.Module):
         frames = self.backbone.grid(features.shape[1])[1] * self.backbone.config.patch_size
         return rearrange(features[:, :frames], "(b v) t f -> b v t f", v=views)
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The weighted sum of the enabled objectives, and each one's (detached) value for logging."""
         features = self.features(batch["audio"])
         total, logs = features.new_zeros(()), {}
         if self.objectives.mae.weight > 0:
             mae = self.mae(features[:, 0])
             total = total + self.objectives.mae.weight * mae["loss"]
-            logs["mae"] = float(mae["loss"].detach())
+            logs["mae"] = mae["loss"].detach()
         if self.objectives.electra.weight > 0:
             electra = self.electra(features[:, 0])
             total = total + self.objectives.electra.weight * electra["loss"]
-            logs["electra"] = float(electra["loss"].detach())
+            logs["electra"] = electra["loss"].detach()
             logs["electra_balanced_accuracy"] = balanced_accuracy(electra["logits"].detach(), electra["labels"])
         if self.objectives.metric.weight > 0:
             metric = self.metric_terms(features, batch)
             config = self.objectives.metric
             loss = config.ntxent_weight * metric["ntxent"] + config.triplet_weight * metric["triplet"]
             total = total + config.weight * loss
-            logs.update(metric=float(loss.detach()), metric_ntxent=float(metric["ntxent"].detach()),
-                        metric_triplet=float(metric["triplet"].detach()))
+            logs.update(metric=loss.detach(), metric_ntxent=metric["ntxent"].detach(),
+                        metric_triplet=metric["triplet"].detach())
         return total, logs
 
     def mae(self, features: Tensor) -> dict[str, Tensor]:

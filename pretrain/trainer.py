@@ -10,7 +10,7 @@ API
     config = TrainConfig(steps=1000, batch_size=32, lr=1.5e-4, ...)
     model = train(
         model=model,                      # nn.Module; DDP-wrapped by Accelerate
-        loss_fn=loss_fn,                  # (wrapped model, batch on device, step) -> (loss Tensor, {name: float})
+        loss_fn=loss_fn,                  # (wrapped model, batch on device, step) -> (loss, {name: float or 0-d Tensor})
         batches=batches,                  # epoch -> iterable of this rank's batches (dicts of tensors/lists)
         config=config, output_dir=Path("runs/x"),
         tracking="none" | "wandb" | "tensorboard", run_name=None,
@@ -28,7 +28,8 @@ Conventions the callers rely on:
   tensor in each batch).
 - `loss_fn` must call the model through `model(...)` (not a submodule) so DDP synchronises gradients, and it must run
   the same collectives on every rank. Tensors in the batch are moved to the device; other values are left alone.
-  Logged names should be the same on every step (values are rank 0's averages over each `log_every` interval).
+  Logged names should be the same on every step (values are rank 0's averages over each `log_every` interval);
+  values may be floats or detached 0-d tensors (tensors avoid a device sync per step).
 - `batches(epoch)` must give every rank the same number of batches (the shards loader does); when an epoch runs
   out, the loop continues with `batches(epoch + 1)`. Resume re-creates the interrupted epoch and skips the batches
   already consumed, so a deterministic loader resumes at exactly the same sample.
@@ -208,11 +209,11 @@ def train(
             init_kwargs={"wandb": _wandb_kwargs(output_dir, run_name, resume_from is not None)} if tracking == "wandb" else {},
         )
 
-    progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    sums: dict[str, float] = defaultdict(float)
+    progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    sums: dict[str, Tensor | float] = defaultdict(float)
     count, clips, last_time = 0, 0, time.perf_counter()
-    summary = {"logs": {}, "clips_per_s": 0.0}
-    saved_step = step if resume_from is not None else -1
+    summary = _previous_summary(output_dir) if resume_from is not None else {"logs": {}, "clips_per_s": 0.0}
+    exported = False
     model.train()
     while step < config.steps:
         for micro in range(config.grad_accum):
@@ -222,12 +223,10 @@ def train(
             with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
                 loss, logs = loss_fn(model, batch, step)
             accelerator.backward(loss / config.grad_accum)
-            sums["loss"] += float(loss.detach()) / config.grad_accum
-            for name, value in logs.items():
-                sums[name] += float(value) / config.grad_accum
+            for name, value in {"loss": loss, **logs}.items():  # tensors stay on the device until logging
+                sums[name] += (value.detach() if isinstance(value, Tensor) else value) / config.grad_accum
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        sums["grad_norm"] += float(grad_norm)
+        sums["grad_norm"] += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -237,7 +236,7 @@ def train(
 
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - last_time
-            logs = {name: value / count for name, value in sums.items()}
+            logs = {name: float(value) / count for name, value in sums.items()}
             logs["lr"] = schedule.get_last_lr()[0]
             logs["clips_per_s"] = clips / max(elapsed, 1e-9)
             accelerator.log(logs, step=step)
@@ -251,10 +250,10 @@ def train(
             accelerator.wait_for_everyone()
         if step % config.checkpoint_every == 0 or step == config.steps:
             _checkpoint(accelerator, schedule, stream, step, checkpoints, config.keep_checkpoints)
-            saved_step = step
             _export(accelerator, model, export, output_dir, step, config, stream, summary, step == config.steps)
+            exported = step == config.steps
     progress.close()
-    if saved_step != step:  # resumed from a checkpoint at or past the last step
+    if not exported:  # resumed from a checkpoint at or past the last step
         _export(accelerator, model, export, output_dir, step, config, stream, summary, True)
     accelerator.end_training()
     return accelerator.unwrap_model(model)
@@ -324,6 +323,13 @@ def _export(
         if export is not None:
             export(accelerator.unwrap_model(model), output_dir)
     accelerator.wait_for_everyone()
+
+
+def _previous_summary(output_dir: Path) -> dict:
+    """The last logged values of an earlier run in `output_dir` (kept when a resumed run logs nothing new)."""
+    path = output_dir / "trainer_state.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return {"logs": state.get("logs", {}), "clips_per_s": state.get("clips_per_s", 0.0)}
 
 
 def _log_images(

@@ -190,7 +190,7 @@ def test_electra_head_beats_chance_on_held_out_clips(features):
     torch.manual_seed(123)
     with torch.no_grad():
         held = model.electra(features["held_out"])
-    accuracy = balanced_accuracy(held["logits"], held["labels"])
+    accuracy = float(balanced_accuracy(held["logits"], held["labels"]))
     assert accuracy > 0.45, accuracy  # chance: 1/3 (original, shuffled, replaced)
 
 
@@ -204,7 +204,8 @@ def test_pretrainer_combines_weighted_objectives_and_draws_pictures():
     torch.manual_seed(0)
     loss, logs = model(batch)
     assert set(logs) >= {"mae", "electra", "metric", "metric_ntxent", "metric_triplet", "electra_balanced_accuracy"}
-    assert float(loss) == pytest.approx(logs["mae"] + 0.5 * logs["electra"] + 0.25 * logs["metric"], rel=1e-5)
+    expected = float(logs["mae"]) + 0.5 * float(logs["electra"]) + 0.25 * float(logs["metric"])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
     loss.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert not unused
