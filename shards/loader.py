@@ -482,8 +482,10 @@ def train_batches(
     The default epoch is ceil(samples / (batch_size * world_size)) batches, so each sample is seen about
     once per epoch over all ranks. Batches hold `audio` float32 (B, S) -- (B, views, S) when views > 1 --,
     `targets` (B, 11) and `families` (B, 6) multi-hot float32, `genre` int64 (B,) (-1 unknown), `labelled`
-    bool (B,), `key` and `song` lists. Identical for the same (seed, epoch, rank, world_size) and
-    num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
+    bool (B,), `key` and `song` lists. With mix_max >= 2, each clip is mixed with probability
+    `mix_probability` with 1..mix_max-1 recent clips of other songs (labelled only with labelled, of its own
+    genre with `same_genre_mix`) and carries the union of their labels; its key and song join theirs with '+'.
+    Identical for the same (seed, epoch, rank, world_size) and num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
     it is a plain iterable dataset that may also be wrapped in `DataLoader(..., batch_size=None)`.
     """
     for name, value, least in (("batch_size", batch_size, 1), ("views", views, 1), ("mix_max", mix_max, 1)):
@@ -491,6 +493,10 @@ def train_batches(
             raise UserError(f"{name}={value}: must be at least {least}")
     if clip_seconds <= 0 or sample_rate <= 0:
         raise UserError(f"clip_seconds={clip_seconds}, sample_rate={sample_rate}: both must be positive")
+    if not 0 <= mix_probability <= 1:
+        raise UserError(f"mix_probability={mix_probability}: must lie between 0 and 1")
+    if (batches_per_epoch is not None and batches_per_epoch < 1) or num_workers < 0:
+        raise UserError(f"batches_per_epoch={batches_per_epoch}, num_workers={num_workers}: need >= 1 and >= 0")
     rank, world_size = _distributed(rank, world_size)
     urls = shard_urls(spec)
     counts = _shard_counts(urls)
