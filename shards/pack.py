@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -351,7 +352,11 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
 
 
 def _pool(workers: int) -> multiprocessing.pool.Pool:
-    """Forkserver workers (no fork of a threaded parent), with the heavy imports preloaded once."""
+    """Worker processes: forked (instant, like torch's DataLoader) while this process runs no other
+    Python thread; otherwise from a forkserver with the heavy imports preloaded once, since forking a
+    threaded process can deadlock."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["shards.pack"])
     return context.Pool(workers, initializer=_worker_init)

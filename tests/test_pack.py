@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,13 +144,20 @@ def test_stock_webdataset_reads_the_shards(packed):
     assert seen == manifest["splits"]["train"]["samples"]
 
 
-def test_same_output_for_any_worker_count(train_tree, packed, tmp_path):
+@pytest.mark.parametrize("workers, threaded", [(2, False), (3, True)])  # forked workers / forkserver workers
+def test_same_output_for_any_worker_count(train_tree, packed, tmp_path, workers, threaded):
     manifest, outdir = packed
-    again = pack(train_tree.root, tmp_path / "two", options=PackOptions(**manifest["options"]), workers=2,
-                 progress=False, print_fn=quiet)
-    assert {k: v for k, v in again.items() if k != "input"} == {k: v for k, v in manifest.items() if k != "input"}
+    release = threading.Event()
+    if threaded:
+        threading.Thread(target=release.wait, daemon=True).start()
+    try:
+        again = pack(train_tree.root, tmp_path / "n", options=PackOptions(**manifest["options"]), workers=workers,
+                     progress=False, print_fn=quiet)
+    finally:
+        release.set()
+    assert again == manifest
     for shard in manifest["shards"]:
-        assert (tmp_path / "two" / shard["path"]).read_bytes() == (outdir / shard["path"]).read_bytes()
+        assert (tmp_path / "n" / shard["path"]).read_bytes() == (outdir / shard["path"]).read_bytes()
 
 
 @pytest.mark.slow
