@@ -57,7 +57,7 @@ def read_segments(
             if block.shape[0] < length:
                 raise BadAudio(f"truncated: {start + block.shape[0]} of {total} frames readable")
             if not np.isfinite(block).all():
-                raise BadAudio(f"NaN or inf samples at {start / rate:.2f} s; the file is broken (float audio with NaN/inf)")
+                raise BadAudio(f"NaN or inf samples at {start / rate:.2f} s; the file is broken")
             yield start / rate, block, rate
             start += length
 

@@ -99,7 +99,8 @@ def encode_record(record: Record, *, options: PackOptions) -> Packed | Skip:
     """Decode, check, convert and FLAC-encode one input (runs in a worker process)."""
     samples, dropped = [], []
     try:
-        for index, (start, block, rate) in enumerate(read_segments(record.path, segment_seconds=options.segment_seconds)):
+        segments = read_segments(record.path, segment_seconds=options.segment_seconds)
+        for index, (start, block, rate) in enumerate(segments):
             if is_silent(block):
                 if options.segment_seconds is None:
                     return Skip(path=record.relpath, reason="silent audio (peak below -80 dBFS)")
@@ -485,7 +486,7 @@ def _print_summary(manifest: dict, outdir: Path, print_fn, limit: int = 20) -> N
     if manifest["skipped"] > limit:
         print_fn(f"  ... and {manifest['skipped'] - limit} more skipped inputs, listed in {outdir / MANIFEST}")
     if manifest["dropped_segments"]:
-        print_fn(f"  dropped {len(manifest['dropped_segments'])} silent segment(s) of long files (listed in the manifest)")
+        print_fn(f"  dropped {len(manifest['dropped_segments'])} silent segment(s) of long files (see the manifest)")
 
 
 # ---------------------------------------------------------------- command line
@@ -504,7 +505,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sample-rate", type=int, default=16000, help="resample to this rate (default 16000)")
     parser.add_argument("--channels", type=int, default=1, help="mix or duplicate to this many channels (default 1)")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: all cores)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="also write a song-grouped, label-stratified 'val' split with this fraction of the songs")
     parser.add_argument("--segment-seconds", type=float, default=None,

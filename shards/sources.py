@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.errors import UserError
-from shards.vocab import DRUMS, GENRES, UnknownLabel, genre_index, instrument_index, parse_instruments
+from shards.vocab import DRUMS, UnknownLabel, genre_index, instrument_index, parse_instruments
 
 SOURCES: tuple[str, ...] = ("irmas-train", "irmas-test", "folder", "csv")
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
@@ -125,7 +125,7 @@ def _scan_irmas_train(root: Path) -> Scan:
             continue
         parts = relpath.split("/")
         if len(parts) < 2:
-            skips.append(Skip(path=relpath, reason="not inside an instrument folder; IRMAS training files live in <code>/"))
+            skips.append(Skip(path=relpath, reason="not inside an instrument folder (IRMAS uses <code>/<name>.wav)"))
             continue
         folder, stem = parts[0], os.path.splitext(parts[-1])[0]
         try:
@@ -135,7 +135,8 @@ def _scan_irmas_train(root: Path) -> Scan:
             skips.append(Skip(path=relpath, reason=f"{error} (from the name {relpath!r})"))
             continue
         records.append(
-            _record(root, relpath, "irmas-train", instruments=(folder,), genre=genre, drums=drums, song=f"{folder}/{song}")
+            _record(root, relpath, "irmas-train", instruments=(folder,), genre=genre, drums=drums,
+                    song=f"{folder}/{song}")
         )
     return Scan(records=records, skips=skips, ignored=ignored)
 
@@ -169,7 +170,8 @@ def _scan_irmas_test(root: Path) -> Scan:
         stem, extension = os.path.splitext(relpath)
         if extension.lower() == LABEL_EXTENSION:
             if not any(stem + ext in present for ext in _case_variants(AUDIO_EXTENSIONS)):
-                skips.append(Skip(path=relpath, reason=f"label file without audio: no audio file {Path(stem).name}.wav next to it"))
+                reason = f"label file without audio: no audio file {Path(stem).name}.wav next to it"
+                skips.append(Skip(path=relpath, reason=reason))
             continue
         if not _is_audio(relpath):
             ignored.append(relpath)

@@ -64,7 +64,8 @@ def test_irmas_test_labels_orphans_and_songs(tmp_path):
     by_song: dict[str, set[str]] = {}
     for record in found.records:
         by_song.setdefault(record.song, set()).add(record.relpath.rsplit("/", 1)[-1])
-    assert by_song["Mr. Brightside (feat. J.D.)"] == {"Mr. Brightside (feat. J.D.)-1.wav", "Mr. Brightside (feat. J.D.)-2.wav"}
+    song = "Mr. Brightside (feat. J.D.)"
+    assert by_song[song] == {f"{song}-1.wav", f"{song}-2.wav"}
     assert "Simon & Garfunkel, The Boxer" in by_song and '"Heroes" (live)' in by_song
     # one part on its own (what `make demo` packs) is a valid input as well
     part = scan("irmas-test", tree.root / "IRMAS-TestingData-Part2")
