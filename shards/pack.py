@@ -125,6 +125,9 @@ def encode_record(record: Record, *, options: PackOptions) -> Packed | Skip:
             samples.append(Sample(key=key, flac=encode_flac(block, options.sample_rate), meta=meta))
     except BadAudio as error:
         return Skip(path=record.relpath, reason=str(error))
+    except (OSError, RuntimeError, ValueError) as error:  # e.g. an I/O error halfway through a file
+        reason = f"could not decode ({type(error).__name__}: {error})"
+        return Skip(path=record.relpath, reason=" ".join(reason.split()))
     if not samples:
         return Skip(path=record.relpath, reason="silent audio in every segment (peak below -80 dBFS)")
     return Packed(samples=samples, dropped=dropped)
@@ -329,7 +332,11 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
         splits = [options.main_split]
     assigned = [options.main_split if s == TRAIN else s for s in assigned]
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{outdir}: cannot create the output folder ({error.strerror or error}); "
+                        "choose a writable OUTDIR that is not a file") from None
     stamp = fingerprint(records, found.skips, options)
     state = _load_state(outdir, splits, print_fn)
     if state is not None and state.get("fingerprint") != stamp:

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from shards.errors import UserError
-from shards.pack import MANIFEST, TEMP_SUFFIX, sha256
+from shards.pack import FORMAT, MANIFEST, TEMP_SUFFIX, sha256
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, INSTRUMENT_NAMES
 
 REQUIRED_FIELDS = ("key", "instruments", "genre", "drums", "song", "path", "start", "duration", "sample_rate",
@@ -30,13 +30,18 @@ def load_manifest(outdir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: not found; pass an OUTDIR written by `python -m shards pack`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise UserError(f"{path}: not valid JSON ({error}); repack into a fresh OUTDIR") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a Timbre shards manifest (format is not {FORMAT!r}); "
+                        "pass an OUTDIR written by `python -m shards pack`")
+    return manifest
 
 
-def check_shard(path: Path, entry: dict) -> list[str]:
-    """Problems with one shard (empty list when it is whole): checksum, tar structure, samples, count."""
+def check_shard(path: Path, entry: dict, seen: set[str] | None = None) -> list[str]:
+    """Problems with one shard (empty list when it is whole): checksum, tar structure, samples, count,
+    and keys already `seen` in other shards (the set is updated)."""
     if not path.is_file():
         return ["missing"]
     problems = []
@@ -56,6 +61,11 @@ def check_shard(path: Path, entry: dict) -> list[str]:
     except (tarfile.TarError, OSError, EOFError) as error:
         problems.append(f"unreadable tar ({error})")
     decoded = 0
+    seen = set() if seen is None else seen
+    repeated = sorted(seen.intersection(members))
+    if repeated:
+        problems.append(f"{len(repeated)} key(s) also in an earlier shard, e.g. {repeated[0]}")
+    seen.update(members)
     for key, parts in members.items():
         problem = _check_sample(key, parts)
         if problem:
@@ -77,6 +87,8 @@ def _check_sample(key: str, parts: dict[str, bytes]) -> str | None:
     missing = [name for name in REQUIRED_FIELDS if name not in meta]
     if missing:
         return f"sample {key}: json lacks {', '.join(missing)}"
+    if meta["key"] != key:
+        return f"sample {key}: json names the key {meta['key']!r}"
     try:
         audio, rate = sf.read(io.BytesIO(parts["flac"]), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as error:
@@ -95,11 +107,11 @@ def verify(outdir: str | Path, *, print_fn=print) -> int:
     manifest = load_manifest(outdir)
     bad = 0
     samples = 0
-    listed = set()
+    listed, keys = set(), set()
     for entry in manifest["shards"]:
         path = outdir / entry["path"]
         listed.add(path)
-        problems = check_shard(path, entry)
+        problems = check_shard(path, entry, keys)
         samples += entry["samples"] if not problems else 0
         bad += bool(problems)
         print_fn(f"{entry['path']}: " + ("ok" if not problems else "BAD: " + "; ".join(problems)))

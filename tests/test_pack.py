@@ -260,3 +260,9 @@ def test_cli_user_errors(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_outdir_that_is_a_file_is_a_user_error(train_tree, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        pack(train_tree.root, tmp_path / "file" / "out", options=PackOptions(source="irmas-train"), print_fn=quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -85,4 +86,23 @@ def test_stats_cli_and_missing_manifest(packed, tmp_path, capsys):
     assert exit_info.value.code == 0 and (tmp_path / "c.png").is_file()
     assert "[instruments]" in capsys.readouterr().out
     with pytest.raises(UserError, match=f"{MANIFEST}: not found"):
+        load_manifest(tmp_path)
+
+
+def test_a_copied_shard_repeats_keys(packed, tmp_path):
+    outdir = tmp_path / "out"
+    shutil.copytree(packed, outdir)
+    manifest = load_manifest(outdir)
+    first = manifest["shards"][0]
+    shutil.copy(outdir / first["path"], outdir / "test" / "shard-000009.tar")
+    manifest["shards"].append({**first, "path": "test/shard-000009.tar"})
+    (outdir / MANIFEST).write_text(json.dumps(manifest))
+    status, lines = run_verify(outdir)
+    assert status == 1
+    assert any(line.startswith("test/shard-000009.tar: BAD: 4 key(s) also in an earlier shard") for line in lines)
+
+
+def test_not_a_manifest_is_a_user_error(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"hello": 1}')
+    with pytest.raises(UserError, match="not a Timbre shards manifest"):
         load_manifest(tmp_path)
