@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -23,7 +22,8 @@ RATE = 16000
 
 
 def _pack(source: str, input_path: Path, outdir: Path, **options) -> Path:
-    pack(input_path, outdir, options=PackOptions(source=source, **options), workers=1, progress=False)
+    options = PackOptions(source=source, **options)
+    pack(input_path, outdir, options=options, workers=1, progress=False, print_fn=lambda *args, **kwargs: None)
     return outdir
 
 
@@ -35,7 +35,7 @@ def read_metadata(spec) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, dict]:
-    """Packed IRMAS-layout clips (1 s, stereo, 16 inputs in uneven shards of 6, 6 and 4) in `train/out`, and an
+    """Packed IRMAS-layout clips (1 s, stereo, 16 inputs in uneven shards of 6, 6 and 4) in `out/train`, and an
     unlabeled folder cut into 2 s segments (1 s at the end of each 7 s file) in `unlabeled/train`."""
     root = tmp_path_factory.mktemp("loader")
     make_irmas_train(root / "irmas", songs_per_class=1, excerpts=1, seconds=1.0)
