@@ -342,9 +342,13 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     if state is not None and state.get("fingerprint") != stamp:
         raise UserError(f"{outdir}: holds an unfinished or finished pack of different inputs or options; "
                         "rerun the original command, delete the folder, or choose a new OUTDIR")
+    resumed = state is not None
     state = {"fingerprint": stamp, "splits": {s: _resume_split(outdir, s, (state or {}).get("splits", {}).get(s))
                                               for s in splits}}
     _write_json(outdir / STATE, state)
+    if resumed:
+        kept = sum(len(split["shards"]) for split in state["splits"].values())
+        print_fn(f"resuming {outdir}: {kept} complete shard(s) kept (checksums match)")
 
     encode = partial(encode_record, options=options)
     with _pool(workers) if workers > 1 else _one_thread() as pool:

@@ -188,6 +188,7 @@ def test_killed_pack_finishes_on_rerun_identical_to_a_clean_pack(tmp_path):
     result = cli(*args, str(outdir))
     assert result.returncode == 0, result.stderr
     assert f"packed {tree.inputs} of {tree.inputs} inputs" in result.stdout
+    assert f"resuming {outdir}: {len(done) - 1} complete shard(s) kept" in result.stdout
     assert json.loads((outdir / MANIFEST).read_text()) == clean
     for shard in clean["shards"]:
         assert (outdir / shard["path"]).read_bytes() == (tmp_path / "clean" / shard["path"]).read_bytes()
