@@ -9,6 +9,17 @@ Shards are written as `shard-NNNNNN.tar.tmp` and renamed when complete; after ea
 the progress is recorded in `OUTDIR/.pack-state.json`. Running the same command again after
 an interruption keeps the complete shards whose checksums still match, drops partial
 files and continues from the first input that is not in a complete shard.
+
+manifest.json (stats = {"samples", "duration" (s), "unlabelled", "instruments"|"genres"|"drums":
+{code or "unknown": {"samples", "duration"}}}):
+    format "timbre-shards", version 1, source, input (absolute path), options (PackOptions fields),
+    inputs, packed, skipped (packed + skipped == inputs), samples, duration,
+    instruments / genres / drums: {code: samples},
+    splits: {name: {inputs, packed, skipped, shards, **stats}},
+    shards: [{split, path (relative to OUTDIR), bytes, sha256, **stats}],
+    skips: [{path, reason, split (null when found while scanning)}],
+    dropped_segments: [{path, start, reason}]  (silent segments of files cut with --segment-seconds),
+    ignored: [paths of files that are not inputs, e.g. README.txt, cover.jpg]
 """
 
 from __future__ import annotations
