@@ -235,6 +235,39 @@ class Part:
     pan: int = 64  # CC10
 
 
+@dataclass(frozen=True, kw_only=True)
+class Colour:
+    """A recording's tone: low shelf, high shelf and a broad mid bell, in dB (zero-phase EQ)."""
+
+    low_db: float = 0.0
+    low_hz: float = 150.0
+    high_db: float = 0.0
+    high_hz: float = 5000.0
+    mid_db: float = 0.0
+    mid_hz: float = 1000.0
+
+    def gain(self, frequencies: np.ndarray) -> np.ndarray:
+        """Linear amplitude gain at `frequencies` (Hz)."""
+        f = np.maximum(frequencies, 1.0)
+        low = self.low_db / (1 + (f / self.low_hz) ** 2)
+        high = self.high_db * (f / self.high_hz) ** 2 / (1 + (f / self.high_hz) ** 2)
+        mid = self.mid_db * np.exp(-0.5 * np.log2(f / self.mid_hz) ** 2)
+        return 10 ** ((low + high + mid) / 20)
+
+
+def new_colour(rng: random.Random) -> Colour:
+    """Different microphones, rooms and mixes: the same instrument never has quite the same spectrum."""
+    return Colour(low_db=rng.uniform(-5, 5), low_hz=rng.uniform(80, 300), high_db=rng.uniform(-8, 5),
+                  high_hz=rng.uniform(2500, 8000), mid_db=rng.uniform(-4, 4), mid_hz=rng.uniform(300, 3000))
+
+
+def colour(audio: np.ndarray, tone: Colour) -> np.ndarray:
+    """`audio` (frames, channels) through the EQ `tone`, by FFT (float64)."""
+    spectrum = np.fft.rfft(audio.astype(np.float64), axis=0)
+    spectrum *= tone.gain(np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE))[:, None]
+    return np.fft.irfft(spectrum, n=len(audio), axis=0)
+
+
 @dataclass(kw_only=True)
 class Clip:
     """One output file: its stems (rendered separately) and how loud each is in the mix."""
@@ -246,6 +279,7 @@ class Clip:
     loudness: float  # RMS of the mix in dBFS
     labels: tuple[str, ...] = ()  # written to <name>.txt (test files)
     label_suffix: str = ""  # trailing characters of each label line, as real IRMAS has
+    tone: Colour = field(default_factory=Colour)  # the recording's EQ, applied to every stem
     info: dict = field(default_factory=dict)  # genre, drums, instruments, tempo ... for synth.json
 
 
@@ -291,14 +325,14 @@ class Song:
 def new_song(rng: random.Random, genre: str) -> Song:
     style = STYLES[genre]
     meter = rng.choice(style.meters)
-    drums = rng.random() < style.drums
+    has_drums = rng.random() < style.drums
     grooves = ("waltz",) if meter == 3 else style.grooves
     return Song(
         genre=genre, style=style, tonic=rng.randrange(12), scale=rng.choice(style.scales),
         tempo=float(rng.randint(*style.tempo)), meter=meter, swing=rng.uniform(*style.swing),
         progression=rng.choice(style.progressions), sevenths=rng.random() < style.sevenths,
-        kit=rng.choice(style.kits) if drums and grooves else None,
-        groove=rng.choice(grooves) if drums and grooves else None,
+        kit=rng.choice(style.kits) if has_drums and grooves else None,
+        groove=rng.choice(grooves) if has_drums and grooves else None,
     )
 
 
@@ -403,7 +437,8 @@ def chords(rng: random.Random, song: Song, patch: Patch, sustained: bool, *, sta
     return _clip_notes(notes, seconds)
 
 
-def line(rng: random.Random, song: Song, patch: Patch, *, start_bar: int, seconds: float, velocity: float) -> list[Note]:
+def line(rng: random.Random, song: Song, patch: Patch, *, start_bar: int, seconds: float,
+         velocity: float) -> list[Note]:
     """A slow chord-tone line (a string or wind section part under the melody)."""
     low, high = _register(rng, patch, 14)
     pitch, notes = (low + high) // 2, []
@@ -423,13 +458,15 @@ def bass(rng: random.Random, song: Song, *, start_bar: int, seconds: float, velo
         root = _nearest([pcs[0]], 36, 28, 47)
         fifth = _nearest([pcs[2]], root + 7, root, root + 12)
         if kind == "walking":
+            approach = _nearest([following], root + 6, 28, 52) + rng.choice((-1, 1))  # chromatic lead-in
             tones = [root] + [_nearest(pcs, root + rng.choice((3, 5, 7, 9, 12)), 28, 52)
-                              for _ in range(song.meter - 2)] + [_nearest([following], root + 6, 28, 52) + rng.choice((-1, 1))]
+                              for _ in range(song.meter - 2)] + [approach]
             hits = [(float(b), tone, 0.9) for b, tone in enumerate(tones)]
         elif kind == "eighths":
             hits = [(b / 2, root if b % 8 < 6 else fifth, 0.45) for b in range(song.meter * 2)]
         elif kind == "root-fifth":
-            hits = [(float(b), root if b % 2 == 0 else fifth, 0.8) for b in range(0, song.meter, 1 if song.meter == 3 else 2)]
+            every = 1 if song.meter == 3 else 2
+            hits = [(float(b), root if b % 2 == 0 else fifth, 0.8) for b in range(0, song.meter, every)]
         elif kind == "tumbao":
             hits = [(1.5, fifth, 0.9), (3.0, root, 0.9)] if song.meter == 4 else [(0.0, root, 1.0)]
         else:
@@ -518,9 +555,10 @@ def train_clips(seed: int, per_class: int) -> list[Clip]:
             genre = _genre_for(rng, code)
             song_rng = _rng(seed, "train", code, song_index)
             song = new_song(song_rng, genre)
+            tone = new_colour(_rng(seed, "colour", "train", code, song_index))
             drums_tag = WITH_DRUMS if song.kit is not None else NO_DRUMS
             tags = f"[{code}][{drums_tag}][{genre}]"
-            if genre == GENRES[1] and song_rng.random() < 0.3:  # like real IRMAS, some classical names lack the drums tag
+            if genre == GENRES[1] and song_rng.random() < 0.3:  # as in IRMAS, some classical names lack a drums tag
                 tags = f"[{code}][{genre}]"
             prefix = f"{song_rng.randint(1, 199):03d}__" if song_rng.random() < 0.15 else ""
             lead_patch = song_rng.choice(TIMBRES[code].patches)
@@ -542,6 +580,7 @@ def train_clips(seed: int, per_class: int) -> list[Clip]:
                 clips.append(Clip(
                     path=f"{TRAIN_DIR}/{code}/{name}", seconds=TRAIN_SECONDS, stems=stems,
                     levels=[0.0, -rng_x.uniform(7.0, 13.0)][: len(stems)], loudness=-rng_x.uniform(14.0, 24.0),
+                    tone=tone,
                     info={"instrument": code, "genre": genre, "drums": drums_tag, "tempo": song.tempo,
                           "backing": backing_codes, "programs": [p.program for stem in stems for p in stem]},
                 ))
@@ -590,10 +629,11 @@ def test_clips(seed: int, count: int) -> list[Clip]:
         titles.add(title)
         genre = rng.choice(GENRES)
         song = new_song(rng, genre)
+        tone = new_colour(_rng(seed, "colour", "test", song_index))
         weights = [1 + TIMBRES[c].genres.get(GENRE_NAMES[genre], 0) for c in INSTRUMENTS]
-        size = _weighted(rng, "1234", (0.2, 0.35, 0.3, 0.15))
+        size = rng.choices((1, 2, 3, 4), weights=(0.2, 0.35, 0.3, 0.15))[0]
         pool: list[str] = []
-        while len(pool) < int(size):
+        while len(pool) < size:
             code = _weighted(rng, INSTRUMENTS, weights)
             if code not in pool:
                 pool.append(code)
@@ -624,7 +664,7 @@ def test_clips(seed: int, count: int) -> list[Clip]:
             clips.append(Clip(
                 path=f"{TEST_DIR}/{TEST_INNER_DIR}/{title}-{excerpt}.wav", seconds=seconds, stems=stems,
                 levels=levels, loudness=-rng_x.uniform(14.0, 22.0), labels=tuple(rng_x.sample(playing, len(playing))),
-                label_suffix=rng_x.choice(("", "\t", "\t", " ")),
+                label_suffix=rng_x.choice(("", "\t", "\t", " ")), tone=tone,
                 info={"instruments": sorted(playing), "genre": genre, "drums": song.kit is not None,
                       "tempo": song.tempo},
             ))
@@ -649,6 +689,7 @@ def unlabeled_clips(seed: int, count: int) -> list[Clip]:
         parts += _rhythm_section(rng, song, bass_probability=0.6, **kwargs)
         clips.append(Clip(path=f"{UNLABELED_DIR}/track-{index + 1:05d}.wav", seconds=seconds, stems=[parts],
                           levels=[0.0], loudness=-rng.uniform(14.0, 26.0),
+                          tone=new_colour(_rng(seed, "colour", "unlabeled", index)),
                           info={"genre": genre, "drums": song.kit is not None}))
     return clips
 
@@ -684,7 +725,8 @@ def write_midi(stems: Sequence[tuple[float, list[Part]]], path: Path) -> list[in
             ]
             for note in part.notes:
                 on, off = start + _ticks(note.start), start + max(_ticks(note.end), _ticks(note.start) + 1)
-                events.append((on, 2, mido.Message("note_on", channel=channel, note=note.pitch, velocity=note.velocity)))
+                events.append((on, 2, mido.Message("note_on", channel=channel, note=note.pitch,
+                                                   velocity=note.velocity)))
                 events.append((off, 1, mido.Message("note_off", channel=channel, note=note.pitch, velocity=0)))
         end = start + _ticks(seconds)
         for channel in range(16):  # silence everything at the stem's end, and reset for the next one
@@ -734,15 +776,15 @@ def _rms(audio: np.ndarray) -> float:
 
 
 def mix(clip: Clip, stems: Sequence[np.ndarray], soundfont: Path) -> np.ndarray:
-    """Scale each stem to its level (by RMS), sum, set the loudness and keep the peak below full scale."""
+    """Colour each stem, scale it to its level (by RMS), sum, set the loudness and keep the peak below full scale."""
     total = np.zeros_like(stems[0], dtype=np.float64)
-    for audio, level in zip(stems, clip.levels):
+    for audio, level in zip((colour(stem, clip.tone) for stem in stems), clip.levels):
         rms = _rms(audio)
         if rms < 1e-6:
             raise UserError(f"{soundfont}: rendered silence for programs "
                             f"{sorted({p.program for stem in clip.stems for p in stem})} of {clip.path}; "
                             "pass --soundfont with a complete General MIDI SoundFont")
-        total += audio.astype(np.float64) * (10 ** (level / 20) / rms)
+        total += audio * (10 ** (level / 20) / rms)
     total *= 10 ** (clip.loudness / 20) / _rms(total)
     peak = float(np.max(np.abs(total)))
     if peak > 0.97:
@@ -900,7 +942,8 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
         "train_drums": _counts(listed["train"], "drums"),
         "test_instruments": _counts(listed["test"], "instruments"),
         "test_genres": _counts(listed["test"], "genre"),
-        "clips": {split: [{"path": i["path"], "seconds": i["seconds"]} for i in items] for split, items in listed.items()},
+        "clips": {split: [{"path": i["path"], "seconds": i["seconds"]} for i in items]
+                  for split, items in listed.items()},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     summary["render_seconds"] = elapsed

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from shards.vocab import DRUMS, GENRES, INSTRUMENTS, parse_instruments
 
 pytestmark = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="FluidSynth is not installed")
 
-OPTIONS = dict(train_per_class=2, test_files=4, unlabeled=3, seed=7)
+OPTIONS = dict(train_per_class=2, test_files=3, unlabeled=3, seed=7)
 TRAIN_FRAMES = round(synth.TRAIN_SECONDS * synth.SAMPLE_RATE)
 
 
@@ -127,7 +126,8 @@ def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float
 def contributions(tree: Path, clip: synth.Clip, tmp: Path) -> list[float]:
     """RMS (dB) of each stem inside the written file, found by rendering each stem alone, afresh."""
     mixture, _ = sf.read(tree / clip.path, dtype="float32", always_2d=True)
-    stems = [synth.render_stems([(clip.seconds, parts)], synth.default_soundfont(), tmp)[0] for parts in clip.stems]
+    stems = [synth.colour(synth.render_stems([(clip.seconds, parts)], synth.default_soundfont(), tmp)[0], clip.tone)
+             for parts in clip.stems]
     gains, unexplained = fit(mixture, stems)
     assert unexplained < 1e-3, (clip.path, unexplained)  # the file is its stems: nothing bleeds from batch neighbours
     return [20 * np.log10(abs(g) * np.sqrt(np.mean(s.astype(np.float64) ** 2))) for g, s in zip(gains, stems)]
@@ -150,7 +150,7 @@ def test_predominant_instrument_is_clearly_louder(tree, tmp_path):
 def test_every_labelled_instrument_is_audible(tree, tmp_path):
     clips = [c for c in synth.test_clips(OPTIONS["seed"], OPTIONS["test_files"]) if len(c.labels) > 1]
     assert clips
-    for clip in clips[:2]:
+    for clip in sorted(clips, key=lambda c: c.seconds)[:1]:
         levels = contributions(tree, clip, tmp_path)
         labelled = levels[: len(clip.labels)]
         assert max(labelled) - min(labelled) <= 6.5, (clip.path, levels)
