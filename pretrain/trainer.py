@@ -178,6 +178,13 @@ def train(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / tracking)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise UserError(
+            f"accelerate launch started {launched} processes but they did not join one process group (each would "
+            "train alone); on CPUs set ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 accelerate launch "
+            "--config_file recipes/accelerate/cpu-2.yaml -m pretrain RECIPE.yaml"
+        )
     set_seed(config.seed, device_specific=True)
     resume_from = _resume_path(resume, checkpoints)
     if accelerator.is_main_process:

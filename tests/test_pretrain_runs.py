@@ -40,8 +40,9 @@ digest = hashlib.sha256()
 for name, tensor in sorted(model.state_dict().items()):
     digest.update(name.encode())
     digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-rank = PartialState().process_index
-Path(sys.argv[2], f"rank-{rank}.txt").write_text(f"{state['step']} {digest.hexdigest()}")
+process = PartialState()
+Path(sys.argv[2], f"rank-{process.process_index}.txt").write_text(
+    f"{state['step']} {digest.hexdigest()} {process.num_processes}")
 '''
 
 
@@ -93,6 +94,7 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [(tmp_path / f"rank-{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert ranks[0][2] == ranks[1][2] == "2"  # one process group of two ranks, not two lone processes
     assert ranks[0][0] == ranks[1][0] == "6"  # both ranks finished every step
     assert ranks[0][1] == ranks[1][1]  # identical parameters after training
     assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
