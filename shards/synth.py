@@ -262,10 +262,24 @@ def new_colour(rng: random.Random) -> Colour:
 
 
 def colour(audio: np.ndarray, tone: Colour) -> np.ndarray:
-    """`audio` (frames, channels) through the EQ `tone`, by FFT (float64)."""
-    spectrum = np.fft.rfft(audio.astype(np.float64), axis=0)
-    spectrum *= tone.gain(np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE))[:, None]
-    return np.fft.irfft(spectrum, n=len(audio), axis=0)
+    """`audio` (frames, channels) through the EQ `tone`, by FFT (float64), zero-padded to a fast length."""
+    n = _fast_length(len(audio) + SAMPLE_RATE // 10)
+    spectrum = np.fft.rfft(audio.astype(np.float64), n=n, axis=0)
+    spectrum *= tone.gain(np.fft.rfftfreq(n, 1 / SAMPLE_RATE))[:, None]
+    return np.fft.irfft(spectrum, n=n, axis=0)[: len(audio)]
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (FFT lengths with large prime factors are many times slower)."""
+    best, power5 = 2 * n, 1
+    while power5 < best:
+        power3 = power5
+        while power3 < best:
+            size = power3 * 2 ** max(0, math.ceil(math.log2(n / power3)))
+            best = min(best, size)
+            power3 *= 3
+        power5 *= 5
+    return best
 
 
 @dataclass(kw_only=True)
