@@ -13,7 +13,8 @@ the same layout and the same awkward names, read by the same parsers:
 Each clip is composed as General MIDI (a song has a genre, key, scale, tempo, metre,
 chord progression, groove and instrumentation; its excerpts share them), split into stems
 (lead / accompaniment for training clips, one stem per labelled instrument for test files)
-so the levels are set by measurement rather than hoped for from MIDI volumes. Many clips'
+so the levels are set by measurement rather than hoped for from MIDI volumes, and each
+recording gets its own EQ colour (shelves and a mid bell) so no class is one fixed spectrum. Many clips'
 stems are laid one after another in one MIDI file and rendered by one FluidSynth process
 (loading a SoundFont costs more than rendering a clip), then cut apart, mixed and written as
 16-bit wav. Everything is drawn from the seed and batches are fixed by the clip list, so the
