@@ -175,8 +175,9 @@ class MAEDecoder(nn.Module):
         self.head = nn.Linear(config.decoder_hidden_size, patch_values)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, hidden: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
-        """hidden (B, 2 + K, D) encoder output (cls, dist, visible), keep (B, K) -> (B, N, patch_values)."""
+    def forward(self, hidden: Tensor, keep: Tensor, grid: tuple[int, int], predict: Tensor | None = None) -> Tensor:
+        """hidden (B, 2 + K, D) encoder output (cls, dist, visible), keep (B, K) -> (B, N, patch_values), or only
+        the patches at `predict` (B, M) indices: the loss needs the masked ones, so the head skips the rest."""
         x = self.embed(hidden)
         special, visible = x[:, :2], x[:, 2:]
         batch, _, width = x.shape
@@ -186,14 +187,17 @@ class MAEDecoder(nn.Module):
         x = torch.cat([special, full], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)[:, 2:])
+        x = x[:, 2:]
+        if predict is not None:
+            x = torch.gather(x, 1, repeat(predict, "b m -> b m d", d=width))
+        return self.head(self.norm(x))
 
 
 def normalise_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     """Each patch to zero mean and unit variance (MAE's norm_pix_loss target)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
+    centred = patches - patches.mean(dim=-1, keepdim=True)
+    var = centred.square().sum(dim=-1, keepdim=True) / (patches.shape[-1] - 1)  # unbiased, as MAE; faster than var()
+    return centred * (var + eps).rsqrt()
 
 
 def masked_patch_loss(prediction: Tensor, target: Tensor, masked: Tensor) -> Tensor:
@@ -393,18 +397,25 @@ class Pretrainer(nn.Module):
                         metric_triplet=metric["triplet"].detach())
         return total, logs
 
-    def mae(self, features: Tensor) -> dict[str, Tensor]:
-        """features (B, T, F) -> loss, prediction (B, N, P), target (B, N, P), masked (B, N)."""
+    def mae(self, features: Tensor, *, every_patch: bool = False) -> dict[str, Tensor]:
+        """features (B, T, F) -> loss, masked (B, N) and target (B, N, P); prediction (B, M, P) of the masked
+        patches in token order, or (B, N, P) of every patch with `every_patch` (for pictures)."""
         patch = self.backbone.config.patch_size
         grid = self.backbone.grid(features.shape[1])
         keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.mae)
         encoded = self.backbone(features, keep=keep)
-        prediction = self.decoder(encoded.hidden, keep, grid)
         target = patchify(features, patch)
         if self.objectives.mae.norm_pix_loss:
             target = normalise_patches(target)
-        return {"loss": masked_patch_loss(prediction, target, masked), "prediction": prediction,
-                "target": target, "masked": masked}
+        if every_patch:
+            prediction = self.decoder(encoded.hidden, keep, grid)
+            loss = masked_patch_loss(prediction, target, masked)
+        else:  # the same count is masked in every clip: a stable sort lists each clip's masked patches in order
+            hidden_ids = masked.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : grid[0] * grid[1] - keep.shape[1]]
+            prediction = self.decoder(encoded.hidden, keep, grid, predict=hidden_ids)
+            chosen = torch.gather(target, 1, repeat(hidden_ids, "b m -> b m p", p=target.shape[-1]))
+            loss = (prediction.float() - chosen.float()).square().mean()
+        return {"loss": loss, "prediction": prediction, "target": target, "masked": masked}
 
     def electra(self, features: Tensor) -> dict[str, Tensor]:
         """features (B, T, F) -> loss, logits (B, N, 3), labels (B, N), corrupted features (B, T, F)."""
@@ -437,7 +448,7 @@ class Pretrainer(nn.Module):
         grid = self.backbone.grid(features.shape[1])
         pictures, low, high = {}, float(features[0].min()), float(features[0].max())
         if self.objectives.mae.weight > 0:
-            mae = self.mae(features)
+            mae = self.mae(features, every_patch=True)
             patches = patchify(features, patch)
             prediction = mae["prediction"].float()
             if self.objectives.mae.norm_pix_loss:  # back to the input scale with each patch's own mean and std

@@ -43,8 +43,11 @@ Conventions the callers rely on:
 - `resume="auto"` continues from the newest complete checkpoint in `<output_dir>/checkpoints` (or starts fresh when
   there is none); model, optimiser, schedule, RNG states and data position are restored.
 - DDP uses `find_unused_parameters=True`, so objectives may leave parameters without gradient on some steps.
-- Tracking: `wandb` runs offline when no WANDB_API_KEY is set (files under `<output_dir>/wandb`), `tensorboard`
-  writes to `<output_dir>/tensorboard`; images are also written as PNG to `<output_dir>/images/`.
+- Tracking: `wandb` runs offline when no WANDB_API_KEY is set and WANDB_MODE is unset (files under
+  `<output_dir>/wandb`; a resumed run continues the same W&B run id), `tensorboard` writes to
+  `<output_dir>/tensorboard`; logged every `log_every` steps: "loss", each `loss_fn` log name, "grad_norm", "lr",
+  "clips_per_s" (all processes, excluding checkpoint and image time); images are also written as PNG to
+  `<output_dir>/images/`.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ class BatchStream:
 def train(
     *,
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, float]]],
+    loss_fn: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, float | Tensor]]],
     batches: Callable[[int], Iterable[dict]],
     config: TrainConfig,
     output_dir: Path,
@@ -218,7 +221,7 @@ def train(
 
     progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     sums: dict[str, Tensor | float] = defaultdict(float)
-    count, clips, last_time = 0, 0, time.perf_counter()
+    count, clips, last_time, paused = 0, 0, time.perf_counter(), 0.0
     summary = _previous_summary(output_dir) if resume_from is not None else {"logs": {}, "clips_per_s": 0.0}
     exported = False
     model.train()
@@ -242,7 +245,7 @@ def train(
         progress.update(1)
 
         if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - last_time
+            elapsed = time.perf_counter() - last_time - paused  # clips/s of training, not of saving
             logs = {name: float(value) / count for name, value in sums.items()}
             logs["lr"] = schedule.get_last_lr()[0]
             logs["clips_per_s"] = clips / max(elapsed, 1e-9)
@@ -250,7 +253,8 @@ def train(
             progress.set_postfix(loss=f"{logs['loss']:.4f}", clips_s=f"{logs['clips_per_s']:.1f}")
             summary = {"logs": logs, "clips_per_s": logs["clips_per_s"]}
             sums.clear()
-            count, clips, last_time = 0, 0, time.perf_counter()
+            count, clips, last_time, paused = 0, 0, time.perf_counter(), 0.0
+        pause_start = time.perf_counter()
         if images is not None and config.image_every and step % config.image_every == 0:
             if accelerator.is_main_process:
                 _log_images(accelerator, accelerator.unwrap_model(model), images, batch, step, output_dir)
@@ -259,6 +263,7 @@ def train(
             _checkpoint(accelerator, schedule, stream, step, checkpoints, config.keep_checkpoints)
             _export(accelerator, model, export, output_dir, step, config, stream, summary, step == config.steps)
             exported = step == config.steps
+        paused += time.perf_counter() - pause_start
     progress.close()
     if not exported:  # resumed from a checkpoint at or past the last step
         _export(accelerator, model, export, output_dir, step, config, stream, summary, True)
