@@ -31,7 +31,7 @@ from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
 from pretrain.recipe import load_recipe, to_dict
-from pretrain.trainer import TrainConfig, train
+from pretrain.trainer import TRACKERS, TrainConfig, train
 from shards.errors import UserError
 from shards.loader import shard_urls, train_batches
 
@@ -103,6 +103,8 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     """Pretrain as the recipe says; returns the trained module and the trainer's final state."""
     if not recipe.objectives.enabled():
         raise UserError(f"{source}: no objective enabled; set objectives.mae.weight (or electra/metric) above 0")
+    if recipe.tracking not in TRACKERS:
+        raise UserError(f"{source}: tracking: unknown tracker {recipe.tracking!r}; use one of {', '.join(TRACKERS)}")
     data = recipe.data
     urls = [url for spec in data.shards for url in shard_urls(spec)]
     output_dir = Path(recipe.output_dir)

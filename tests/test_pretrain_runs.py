@@ -163,3 +163,17 @@ def test_shipped_recipes_load_and_name_unknown_keys(tmp_path):
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(UserError, match="train.stepz"):
         load_recipe(bad, [], PretrainRecipe)
+
+
+def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path):
+    from pretrain.train import main
+
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", shards, tmp_path / "run")
+    with pytest.raises(UserError, match=r"recipe.yaml: tracking: unknown tracker 'mlflow'"):
+        main([str(recipe), "tracking=mlflow"])
+    with pytest.raises(UserError, match=r"recipe.yaml: no objective enabled"):
+        main([str(recipe), "objectives.mae.weight=0", "objectives.electra.weight=0", "objectives.metric.weight=0"])
+    with pytest.raises(UserError, match=r"recipe.yaml: model: unknown backbone size 'huge'"):
+        main([str(recipe), "model.size=huge"])
+    with pytest.raises(UserError, match="no such shard"):
+        main([str(recipe), f"data.shards=[{tmp_path / 'missing'}]"])
