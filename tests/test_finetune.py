@@ -145,12 +145,11 @@ def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() == (recipe.head.kind == "linear" and mode != "adapter")
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -193,7 +192,9 @@ def test_transformers_pipeline_matches_timbre(trained):
         assert item["score"] == pytest.approx(expected[item["label"]], abs=1e-4)
 
 
-def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_path):
+def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_path, capsys):
+    from finetune.evaluate import main as evaluate_main
+
     folder = tmp_path / "IRMAS-TestingData-Part1" / "Part 1"
     folder.mkdir(parents=True)
     long = np.stack([chord(("cel", "pia"), seconds=60.0, rate=44100, seed=3)] * 2, axis=1)
@@ -202,9 +203,9 @@ def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_pa
     sf.write(folder / "short-1.flac", chord(("vio",), seconds=1.0, rate=22050), 22050)
     (folder / "short-1.txt").write_text("vio\n")
     out = tmp_path / "report"
-    result = run_cli("evaluate", str(trained), str(tmp_path), "--out", str(out), "--hop-seconds", "2",
-                     "--aggregate", "max")
-    assert "macro_f1" in result.stdout
+    assert evaluate_main([str(trained), str(tmp_path), "--out", str(out), "--hop-seconds", "2",
+                          "--aggregate", "max"]) == 0
+    assert "macro_f1" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["files"] == 2 and report["skipped"] == []
     for key in ("macro_f1", "micro_f1", "lrap", "hamming_score", "exact_match", "map", "per_instrument", "chunk"):
@@ -225,17 +226,19 @@ def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_pa
                                atol=1e-5)
 
 
-def test_predict_survives_a_corrupt_file(trained, tmp_path):
+def test_predict_survives_a_corrupt_file(trained, tmp_path, capsys):
+    from finetune.predict import main as predict_main
+
     good = tmp_path / "good.wav"
     sf.write(good, chord(("sax",), seconds=7.3, rate=48000), 48000)
     short = tmp_path / "short.ogg"
     sf.write(short, np.stack([chord(("flu",), seconds=0.6, rate=8000)] * 3, axis=1), 8000, format="OGG")
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
-    result = run_cli("predict", str(trained), str(good), str(corrupt), str(short), "--timeline", check=False)
-    assert result.returncode == 1
-    assert "1 of 3 files could not be read" in result.stderr
-    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert predict_main([str(trained), str(good), str(corrupt), str(short), "--timeline"]) == 1
+    output = capsys.readouterr()
+    assert "1 of 3 files could not be read" in output.err
+    answers = [json.loads(line) for line in output.out.splitlines()]
     assert [a["file"] for a in answers] == [str(good), str(corrupt), str(short)]
     assert "error" in answers[1] and "probabilities" not in answers[1]
     for answer in (answers[0], answers[2]):
