@@ -249,8 +249,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     args = parser.parse_args(argv)
-    if args.hop_seconds is not None and args.hop_seconds <= 0:
-        raise UserError(f"--hop-seconds must be positive; got {args.hop_seconds}")
     model = load_model(args.model)
     out = Path(args.out) if args.out else Path(args.model).parent / "report"
     report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone, scale_grad
 from finetune.heads import Head, HeadConfig
 from pretrain.backbone import Backbone, BackboneOutput
+from pretrain.embed import window_starts
 from pretrain.frontend import LogMel, SpecAugment
 from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
 from shards.audio import convert, read_segments
@@ -122,6 +123,9 @@ class FinetunedModel:
         return round(self.info.clip_seconds * self.info.sample_rate)
 
     def hop(self, hop_seconds: float | None = None) -> int:
+        """Window hop in samples: `hop_seconds`, or the one the model was saved with."""
+        if hop_seconds is not None and hop_seconds <= 0:
+            raise UserError(f"--hop-seconds must be positive; got {hop_seconds}")
         return max(1, round((hop_seconds or self.info.hop_seconds) * self.info.sample_rate))
 
     @property
@@ -199,16 +203,6 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     """Any file soundfile reads -> mono float32 (samples,) at `sample_rate`; raises shards.audio.BadAudio."""
     _, block, rate = next(read_segments(path))
     return torch.from_numpy(np.ascontiguousarray(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0]))
-
-
-def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
-    """Window starts covering the whole file: every `hop`, plus one aligned to the end when the hop misses it."""
-    if num_samples <= window:
-        return [0]
-    starts = list(range(0, num_samples - window + 1, hop))
-    if starts[-1] + window < num_samples:
-        starts.append(num_samples - window)
-    return starts
 
 
 def cut_windows(audio: Tensor, window: int, hop: int) -> tuple[Tensor, list[int]]:

@@ -16,7 +16,6 @@ import numpy as np
 
 from finetune.model import AGGREGATES, FileResult, FinetunedModel, infer, load_model, read_audio
 from shards.audio import BadAudio
-from shards.errors import UserError
 from shards.vocab import INSTRUMENT_NAMES
 
 
@@ -81,8 +80,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     args = parser.parse_args(argv)
-    if args.hop_seconds is not None and args.hop_seconds <= 0:
-        raise UserError(f"--hop-seconds must be positive; got {args.hop_seconds}")
     model = load_model(args.model)
     failed = []
     for answer in predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,

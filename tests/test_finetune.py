@@ -19,9 +19,10 @@ from finetune.adapters import param_groups
 from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import tune_thresholds
-from finetune.model import cut_windows, load_model, read_audio, save_model, window_starts
+from finetune.model import cut_windows, load_model, read_audio, save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info, validate
 from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.embed import window_starts
 from pretrain.hub import save_pretrained
 from shards.loader import train_batches
 from shards.vocab import GENRES, INSTRUMENT_NAMES, INSTRUMENTS
