@@ -1,0 +1,435 @@
+"""Does pretraining help? The end-to-end quality benchmark, printed as one JSON object.
+
+Runs the toolkit's own command lines, one subprocess per step, exactly as a user would:
+1. `shards synth`: an unlabeled pool and a labelled IRMAS-layout training set rendered with one SoundFont
+   (FluidR3_GM), and a polyphonic IRMAS-layout test set rendered with another (pretty_midi's TimGM6mb) and seed,
+   so the score measures generalisation to unseen timbres, not memorised samples;
+2. `shards pack` each (the labelled set with a song-grouped validation split, for thresholds), plus nested,
+   song-grouped subsets of the labelled set for the label-efficiency curve;
+3. `pretrain` the same tiny backbone with each objective's recipe for the same compute (steps x batch);
+4. `finetune` each backbone and a from-scratch baseline with the same recipe, and a linear probe of each;
+5. `finetune evaluate` every model on the cross-SoundFont test shards (the numbers come from its report.json);
+6. write RESULTS.md (table, commands, seeds, machine, date) and a label-efficiency plot (macro F1 against
+   labelled clips per class, scratch vs the best objective) to --out, and to bench/ with --write-results.
+
+Every stage is resumable: a finished stage (same command, output present) is skipped, and an interrupted one
+is rerun with the CLIs' own resume (synth and pack finish the job, training uses `resume=auto`). Each command
+and its log file are printed to stderr; a failing step stops the run with one line naming the stage.
+
+    python bench/quality.py --budget tiny --out bench/out/quality-tiny     # minutes: checks the pipeline
+    python bench/quality.py --write-results                                    # the full budget (< 90 min, 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+# bench/shards.py and bench/pretrain.py are named like the packages: drop this folder from the path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from shards.errors import UserError, run_cli  # noqa: E402
+from shards.sources import TRAIN_DIR, scan  # noqa: E402
+from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RECIPES = ROOT / "recipes"
+OBJECTIVES = ("mae", "electra", "metric", "combined")
+VAL_FRACTION = 0.2
+HEADLINE = ("macro_f1", "micro_f1", "lrap")
+TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.75  # the issue's bar: pretrained - scratch, best fine-tuned macro F1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Budget:
+    """Sizes of one benchmark run; `labelled_per_class[-1]` (the largest) is the budget of the main table."""
+
+    unlabeled: int  # pretraining pool: 3-12 s clips
+    labelled_per_class: tuple[int, ...]  # label-efficiency points, labelled 3 s clips per class (train + val)
+    test_files: int  # 5-20 s polyphonic test excerpts
+    pretrain_steps: int
+    pretrain_batch: int
+    finetune_steps: int
+    finetune_batch: int
+    probe_steps: int
+    probe_batch: int
+
+
+BUDGETS = {
+    # Checks the pipeline end to end in minutes; its numbers say nothing about quality.
+    "tiny": Budget(unlabeled=16, labelled_per_class=(3, 6), test_files=8, pretrain_steps=3, pretrain_batch=4,
+                   finetune_steps=4, finetune_batch=4, probe_steps=4, probe_batch=8),
+    # The default, estimated at ~75 min on 2 idle cores from throughput measured on the busy development VM:
+    # data ~6, pretraining ~24 (1600 clips per objective, half of it `combined`), 9 fine-tunes ~32, 5 probes ~5,
+    # 14 evaluations ~8. The stage times in the JSON give the real split.
+    "full": Budget(unlabeled=1500, labelled_per_class=(8, 16, 32), test_files=100, pretrain_steps=100,
+                   pretrain_batch=16, finetune_steps=60, finetune_batch=16, probe_steps=60, probe_batch=32),
+}
+
+
+# --- Stages ----------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs each stage's command once and remembers it under OUT/stages/<name>.json.
+
+    A stage's key hashes its command, the contents of the files it reads that the command line does not show
+    (recipes) and the keys of the stages it depends on. A stage finished under the same key is skipped; a
+    stage last started under another key has its output cleared first, so changing a recipe, a step count or
+    the data reruns exactly what depends on it and never resumes another configuration's checkpoints.
+    """
+
+    def __init__(self, *, out: Path, env: dict[str, str]) -> None:
+        self.env = env
+        self.records = out / "stages"
+        self.logs = out / "logs"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.keys: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.commands: list[tuple[str, str]] = []
+
+    def run(self, name: str, command: list[str], *, output: Path, done: Path, after: tuple[str, ...] = (),
+            files: tuple[Path, ...] = ()) -> None:
+        """Run stage `name` unless it finished under the same key; `done` exists once `output` is complete."""
+        key = hashlib.sha256(json.dumps({
+            "command": command, "after": [self.keys[stage] for stage in after],
+            "files": [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in files],
+        }).encode()).hexdigest()
+        self.keys[name] = key
+        record_path = self.records / f"{name}.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        shown = shlex.join(command)
+        self.commands.append((name, shown))
+        if record and record.get("key") == key and record["status"] == "done" and done.exists():
+            print(f"[bench] {name}: done earlier ({record['seconds']:.0f} s), skipped", file=sys.stderr)
+            self.seconds[name] = record["seconds"]
+            return
+        if record and record.get("key") != key and output.exists():
+            shutil.rmtree(output)
+        record_path.write_text(json.dumps({"key": key, "command": command, "status": "running"}) + "\n")
+        log = self.logs / f"{name}.log"
+        print(f"[bench] {name}: $ {shown}  (log: {log})", file=sys.stderr)
+        started = time.perf_counter()
+        with open(log, "w") as handle:
+            status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=self.env).returncode
+        seconds = time.perf_counter() - started
+        if status != 0 or not done.exists():
+            lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            last = lines[-1] if lines else "no output"
+            why = f"exited with status {status}" if status else f"did not write {done}"
+            raise UserError(f"stage {name} failed: {why} ({last[:200]}); full log: {log}")
+        print(f"[bench] {name}: {seconds:.0f} s", file=sys.stderr)
+        record_path.write_text(json.dumps({"key": key, "command": command, "status": "done",
+                                           "seconds": seconds}) + "\n")
+        self.seconds[name] = seconds
+
+
+def python(*args: object) -> list[str]:
+    return [sys.executable, *map(str, args)]
+
+
+def labelled_subset(tree: Path, out: Path, per_class: int, seed: int) -> Path:
+    """An IRMAS-train tree of `per_class` clips per class, linked to `tree`'s files, whole songs first.
+
+    Songs are taken in a seeded order, so the subsets for growing `per_class` are nested; the last song of a
+    class may lose excerpts to hit the count exactly. The links keep the original names, so the parsers read
+    the same labels, genres and songs.
+    """
+    songs: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for record in scan("irmas-train", tree).records:
+        songs[record.instruments[0]][record.song].append(record.relpath)
+    root = out / TRAIN_DIR
+    if root.exists():
+        shutil.rmtree(root)
+    for code, by_song in sorted(songs.items()):
+        order = sorted(by_song)
+        random.Random(f"{seed}/subset/{code}").shuffle(order)
+        for relpath in [path for song in order for path in sorted(by_song[song])][:per_class]:
+            link = root / relpath
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((tree / relpath).resolve())
+    return root
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown") \
+        if Path("/proc/cpuinfo").is_file() else platform.processor() or "unknown"
+    import torch
+
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+# --- The benchmark -----------------------------------------------------------------------------
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    preset = BUDGETS[args.budget]
+    budget = dataclasses.replace(preset, **{name: value for name, value in (
+        ("labelled_per_class", tuple(sorted(set(args.labelled_per_class))) if args.labelled_per_class else None),
+        ("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
+        ("probe_steps", args.probe_steps)) if value is not None})
+    objectives = args.objectives
+    for objective in objectives:
+        if objective not in OBJECTIVES:
+            raise UserError(f"--objectives: unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    out = Path(args.out).resolve()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    runner = Runner(out=out, env=env)
+    started = time.perf_counter()
+    data, shards = out / "data", out / "shards"
+    main_n = budget.labelled_per_class[-1]
+    seed = args.seed
+
+    # 1-2. Data: train-side pool and labelled set with one SoundFont, test set with another SoundFont and seed.
+    train_font, test_font = Path(args.train_soundfont).resolve(), Path(args.test_soundfont).resolve()
+    if train_font == test_font:
+        raise UserError(f"--test-soundfont: {test_font} is also the training SoundFont; the test set needs another")
+    train_tree, test_tree = data / "train-font", data / "test-font"
+    runner.run("synth-train", python("-m", "shards", "synth", train_tree, "--train-per-class", main_n,
+                                     "--test-files", 0, "--unlabeled", budget.unlabeled, "--seed", seed,
+                                     "--soundfont", train_font, "--quiet"),
+               output=train_tree, done=train_tree / "synth.json", files=(train_font,))
+    runner.run("synth-test", python("-m", "shards", "synth", test_tree, "--train-per-class", 0,
+                                    "--test-files", budget.test_files, "--unlabeled", 0, "--seed", seed + 1,
+                                    "--soundfont", test_font, "--quiet"),
+               output=test_tree, done=test_tree / "synth.json", files=(test_font,))
+    runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", train_tree / "unlabeled",
+                                        shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
+               output=shards / "unlabeled", done=shards / "unlabeled" / "manifest.json", after=("synth-train",))
+    runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
+                                   "--quiet"),
+               output=shards / "test", done=shards / "test" / "manifest.json", after=("synth-test",))
+    labelled: dict[int, Path] = {}
+    for n in budget.labelled_per_class:
+        source = train_tree / TRAIN_DIR if n == main_n else labelled_subset(train_tree / TRAIN_DIR,
+                                                                             data / f"labelled-{n}", n, seed)
+        labelled[n] = shards / f"labelled-{n}"
+        runner.run(f"pack-labelled-{n}", python("-m", "shards", "pack", "irmas-train", source, labelled[n],
+                                                "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
+                   output=labelled[n], done=labelled[n] / "manifest.json", after=("synth-train",))
+    test_data = shards / "test" / "test"
+
+    # 3. Pretraining: every objective's recipe, the same backbone, data, steps and batch.
+    pretrain_data, pretrain_after = [str(shards / "unlabeled" / "train")], ("pack-unlabeled",)
+    if args.pretrain_data == "both":
+        pretrain_data.append(str(labelled[main_n] / "train"))
+        pretrain_after += (f"pack-labelled-{main_n}",)
+    pretrained: dict[str, dict] = {}
+    for objective in objectives:
+        run_dir, recipe = out / "pretrain" / objective, RECIPES / "pretrain" / f"{objective}-tiny-synth.yaml"
+        runner.run(f"pretrain-{objective}", python(
+            "-m", "pretrain", recipe,
+            f"data.shards={json.dumps(pretrain_data)}", f"train.steps={budget.pretrain_steps}",
+            f"train.batch_size={budget.pretrain_batch}", f"train.seed={seed}",
+            f"train.log_every={budget.pretrain_steps}", "train.image_every=0", "tracking=none", "resume=auto",
+            f"run_name=bench-{objective}", f"output_dir={run_dir}"),
+            output=run_dir, done=run_dir / "backbone" / "config.json", after=pretrain_after, files=(recipe,))
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+        pretrained[objective] = {"backbone": run_dir / "backbone", "clips_per_s": state["clips_per_s"],
+                                 "steps": state["step"], "seconds": runner.seconds[f"pretrain-{objective}"]}
+
+    # 4-5. Fine-tune / probe each backbone (and scratch) and evaluate on the cross-SoundFont test shards.
+    def finetune(kind: str, name: str, n: int, backbone: Path | None) -> dict:
+        recipe = Path(args.finetune_recipe if kind == "finetune" else args.probe_recipe).resolve()
+        steps, batch = ((budget.finetune_steps, budget.finetune_batch) if kind == "finetune"
+                        else (budget.probe_steps, budget.probe_batch))
+        run_dir = out / kind / f"{name}-{n}"
+        command = python("-m", "finetune", recipe, *([f"backbone={backbone}"] if backbone else []),
+                         f"data.train={labelled[n] / 'train'}", f"data.val={labelled[n] / 'val'}",
+                         f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
+                         f"train.log_every={steps}", "tracking=none", "resume=auto", f"run_name=bench-{kind}-{name}",
+                         f"output_dir={run_dir}")
+        runner.run(f"{kind}-{name}-{n}", command, output=run_dir, done=run_dir / "model" / "finetune.json",
+                   after=(f"pack-labelled-{n}", *([f"pretrain-{name}"] if backbone else [])), files=(recipe,))
+        report_dir = out / "evaluate" / f"{kind}-{name}-{n}"
+        runner.run(f"evaluate-{kind}-{name}-{n}",
+                   python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
+                   output=report_dir, done=report_dir / "report.json", after=(f"{kind}-{name}-{n}", "pack-test"))
+        report = json.loads((report_dir / "report.json").read_text())
+        return {key: report[key] for key in HEADLINE} | {"report": str(report_dir / "report.json")}
+
+    rows: dict[str, dict] = {}
+    for name in ("scratch", *objectives):
+        backbone = pretrained[name]["backbone"] if name in pretrained else None
+        tuned, probe = finetune("finetune", name, main_n, backbone), finetune("probe", name, main_n, backbone)
+        rows[name] = {"probe_macro_f1": probe["macro_f1"], "macro_f1": tuned["macro_f1"],
+                      "micro_f1": tuned["micro_f1"], "lrap": tuned["lrap"],
+                      "pretrain_clips_per_s": pretrained[name]["clips_per_s"] if name in pretrained else None,
+                      "pretrain_seconds": pretrained[name]["seconds"] if name in pretrained else None}
+
+    # Label efficiency: scratch against the best objective (by fine-tuned macro F1 at the main budget).
+    best = max(objectives, key=lambda name: rows[name]["macro_f1"]) if objectives else None
+    curve: dict[str, list[float]] = {}
+    for name in ("scratch", best) if best else ("scratch",):
+        backbone = pretrained[name]["backbone"] if name in pretrained else None
+        curve[name] = [rows[name]["macro_f1"] if n == main_n else finetune("finetune", name, n, backbone)["macro_f1"]
+                       for n in budget.labelled_per_class]
+
+    scratch = rows["scratch"]["macro_f1"]
+    for row in rows.values():
+        row["macro_f1_vs_scratch"] = row["macro_f1"] - scratch
+    top = max(row["macro_f1"] for row in rows.values())
+    margin = rows[best]["macro_f1_vs_scratch"] if best else None
+    targets = {"best_minus_scratch": margin, "best_macro_f1": top,
+               "met": margin is not None and margin >= TARGET_MARGIN and top >= TARGET_MACRO_F1}
+    result = {
+        "budget": args.budget, "sizes": dataclasses.asdict(budget), "seed": seed, "test_seed": seed + 1,
+        "objectives": list(objectives), "pretrain_data": args.pretrain_data,
+        "train_soundfont": str(args.train_soundfont), "test_soundfont": str(args.test_soundfont),
+        "labelled_per_class": main_n, "rows": rows, "best_objective": best, "targets": targets,
+        "label_efficiency": {"labelled_per_class": list(budget.labelled_per_class), **curve},
+        "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (stages done earlier skipped)
+        "stages_seconds": round(sum(runner.seconds.values()), 1),  # every stage, as recorded when it ran
+        "stage_seconds": {name: round(seconds, 1) for name, seconds in runner.seconds.items()},
+        "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]), "out": str(out),
+    }
+    notes = Path(args.notes).read_text() if args.notes else None
+    write_results(result, runner.commands, notes, out / "RESULTS.md", out / "label_efficiency.png")
+    if args.write_results:
+        write_results(result, runner.commands, notes, BENCH / "RESULTS.md", BENCH / "quality_label_efficiency.png")
+    return result
+
+
+# --- Results ---------------------------------------------------------------------------------
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result["label_efficiency"]
+    figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for name in [key for key in curve if key != "labelled_per_class"]:
+        axes.plot(curve["labelled_per_class"], curve[name], marker="o", label=name if name == "scratch"
+                  else f"pretrained ({name})")
+    axes.set_xlabel("labelled clips per class (train + val)")
+    axes.set_ylabel("macro F1, cross-SoundFont test")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    axes.set_title("Label efficiency")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_results(result: dict, commands: list[tuple[str, str]], notes: str | None, path: Path, png: Path) -> None:
+    """RESULTS.md (with `notes`, the hand-written record of what was tried) and the label-efficiency plot."""
+    plot(result, png)
+    sizes, host, targets, out = result["sizes"], result["machine"], result["targets"], result["out"]
+
+    def number(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "# Quality benchmark: does pretraining help?", "",
+        f"Generated by `bench/quality.py --budget {result['budget']}` on {result['date']} "
+        f"({result['wall_seconds'] / 60:.1f} min wall).", "",
+        f"Fine-tuned and probed on {result['labelled_per_class']} labelled clips per class "
+        f"(FluidR3_GM renders, {int(VAL_FRACTION * 100)}% of the songs held out for thresholds), tested on "
+        f"{sizes['test_files']} polyphonic excerpts rendered with a different SoundFont "
+        f"({Path(result['test_soundfont']).name}) and seed.", "",
+        "| backbone | probe macro F1 | fine-tune macro F1 | fine-tune micro F1 | LRAP | pretraining clips/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in result["rows"].items():
+        lines.append(f"| {name} | {number(row['probe_macro_f1'])} | {number(row['macro_f1'])} | "
+                     f"{number(row['micro_f1'])} | {number(row['lrap'])} | {number(row['pretrain_clips_per_s'], 1)} |")
+    curve = result["label_efficiency"]
+    lines += ["", f"![label efficiency]({png.name})", "",
+              "| labelled clips per class | " + " | ".join(map(str, curve["labelled_per_class"])) + " |",
+              "|---|" + "---|" * len(curve["labelled_per_class"])]
+    lines += [f"| {name} | " + " | ".join(number(v) for v in values) + " |"
+              for name, values in curve.items() if name != "labelled_per_class"]
+    lines += [
+        "", f"Targets (issue 6): best pretrained - scratch >= {TARGET_MARGIN:.2f} macro F1 "
+        f"(measured {number(targets['best_minus_scratch'])}, {result['best_objective']}); best fine-tuned macro F1 "
+        f">= {TARGET_MACRO_F1:.2f} (measured {number(targets['best_macro_f1'])}): "
+        f"**{'met' if targets['met'] else 'not met'}**.", "",
+        "GPU: not measured by this benchmark (it runs on CPU); bf16 clips/s of MAE pretraining of the base backbone "
+        "needs a session that is lent a GPU.",
+    ]
+    lines += [
+        "", "## Setup", "",
+        f"- Seeds: training data and all training runs {result['seed']}, test data {result['test_seed']}.",
+        f"- Data: {sizes['unlabeled']} unlabeled clips (3-12 s) for pretraining"
+        + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
+        + f"; train SoundFont `{result['train_soundfont']}`, test SoundFont `{result['test_soundfont']}`.",
+        f"- Pretraining: {sizes['pretrain_steps']} steps x {sizes['pretrain_batch']} clips per objective "
+        "(recipes/pretrain/<objective>-tiny-synth.yaml); fine-tuning: "
+        f"{sizes['finetune_steps']} x {sizes['finetune_batch']}; probe: {sizes['probe_steps']} x "
+        f"{sizes['probe_batch']}.",
+        f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} with {host['torch_threads']} "
+        f"threads (OMP_NUM_THREADS={host['omp_num_threads']}), Python {host['python']}, {host['platform']}.",
+        "", "## Commands", "", "```", result["command"].replace(sys.executable, "python"), "```", "",
+        f"Each step, as run (OUT = `{out}`):", "", "```",
+    ]
+    lines += [f"# {name}\n{shown.replace(out, 'OUT').replace(sys.executable, 'python')}"
+              for name, shown in commands]
+    lines += ["```", "", "## Stage wall times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in result["stage_seconds"].items()]
+    if notes:
+        lines += ["", "## What was tried", "", notes.strip()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/out/quality", help="working folder (default bench/out/quality)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
+                        help="tiny: minutes, checks the pipeline; full (default): the benchmark, < 90 min on 2 cores")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training data and runs; test data uses +1")
+    parser.add_argument("--objectives", type=lambda text: [o for o in text.split(",") if o],
+                        default=list(OBJECTIVES), help=f"comma-separated (default {','.join(OBJECTIVES)})")
+    parser.add_argument("--labelled-per-class", type=int, nargs="+", default=None, metavar="N",
+                        help="label-efficiency points; the largest is the table's budget (default: the preset's)")
+    parser.add_argument("--pretrain-steps", type=int, help="override the preset's pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, help="override the preset's fine-tuning steps")
+    parser.add_argument("--probe-steps", type=int, help="override the preset's linear-probe steps")
+    parser.add_argument("--pretrain-data", choices=("both", "unlabeled"), default="both",
+                        help="pretrain on the unlabeled pool plus the labelled training split (default, as the "
+                        "recipes do; the metric objective uses its labels) or on the pool only")
+    parser.add_argument("--finetune-recipe", default=str(RECIPES / "finetune" / "fluffy-tiny-synth.yaml"))
+    parser.add_argument("--probe-recipe", default=str(RECIPES / "finetune" / "probe.yaml"))
+    parser.add_argument("--train-soundfont", default=str(FLUIDR3), help=f"default {FLUIDR3}")
+    parser.add_argument("--test-soundfont", default=str(bundled_soundfont()),
+                        help="default TimGM6mb.sf2 from pretty_midi's package")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every step (default: leave the environment alone)")
+    parser.add_argument("--notes", help="markdown file with what was tried, copied into RESULTS.md")
+    parser.add_argument("--write-results", action="store_true",
+                        help="also write bench/RESULTS.md and its plot (default: only under --out)")
+    args = parser.parse_args()
+    if any(n <= 0 for n in args.labelled_per_class or []):
+        raise UserError("--labelled-per-class: counts must be positive")
+    result = run_bench(args)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
