@@ -12,12 +12,14 @@ Runs the toolkit's own command lines, one subprocess per step, exactly as a user
 6. write RESULTS.md (table, commands, seeds, machine, date) and a label-efficiency plot (macro F1 against
    labelled clips per class, scratch vs the best objective) to --out, and to bench/ with --write-results.
 
-Every stage is resumable: a finished stage (same command, output present) is skipped, and an interrupted one
-is rerun with the CLIs' own resume (synth and pack finish the job, training uses `resume=auto`). Each command
-and its log file are printed to stderr; a failing step stops the run with one line naming the stage.
+Every stage is resumable: a stage finished under the same key (its command, the recipe it reads and the stages
+it depends on) is skipped, an interrupted one is rerun with the CLIs' own resume (synth and pack finish the job,
+training uses `resume=auto`), and a changed one is cleared and rerun with everything downstream of it. Each
+command and its log file are printed to stderr (logs under OUT/logs); a failing step stops the run with one line
+naming the stage. Delete OUT after changing the toolkit's code: the keys do not cover it.
 
-    python bench/quality.py --budget tiny --out bench/out/quality-tiny     # minutes: checks the pipeline
-    python bench/quality.py --write-results                                    # the full budget (< 90 min, 2 cores)
+    python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~8 min on the busy VM: checks the pipeline
+    python bench/quality.py --write-results        # the full budget (~75 min on 2 idle cores): bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -88,9 +92,10 @@ class Runner:
     """Runs each stage's command once and remembers it under OUT/stages/<name>.json.
 
     A stage's key hashes its command, the contents of the files it reads that the command line does not show
-    (recipes) and the keys of the stages it depends on. A stage finished under the same key is skipped; a
-    stage last started under another key has its output cleared first, so changing a recipe, a step count or
-    the data reruns exactly what depends on it and never resumes another configuration's checkpoints.
+    (recipes) and the runs of the stages it depends on, so a stage that runs again reruns what reads it. A stage
+    finished under the same key is skipped; a stage last started under another key has its output cleared
+    first, so changing a recipe, a step count or the data reruns exactly what depends on it and never resumes
+    another configuration's checkpoints.
     """
 
     def __init__(self, *, out: Path, env: dict[str, str]) -> None:
@@ -99,7 +104,7 @@ class Runner:
         self.logs = out / "logs"
         self.records.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.keys: dict[str, str] = {}
+        self.runs: dict[str, str] = {}  # stage -> its finished run, as later stages' keys see it
         self.seconds: dict[str, float] = {}
         self.commands: list[tuple[str, str]] = []
 
@@ -107,17 +112,16 @@ class Runner:
             files: tuple[Path, ...] = ()) -> None:
         """Run stage `name` unless it finished under the same key; `done` exists once `output` is complete."""
         key = hashlib.sha256(json.dumps({
-            "command": command, "after": [self.keys[stage] for stage in after],
+            "command": command, "after": [self.runs[stage] for stage in after],
             "files": [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in files],
         }).encode()).hexdigest()
-        self.keys[name] = key
         record_path = self.records / f"{name}.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         shown = shlex.join(command)
         self.commands.append((name, shown))
-        if record and record.get("key") == key and record["status"] == "done" and done.exists():
+        if record and record.get("key") == key and "run" in record and done.exists():
             print(f"[bench] {name}: done earlier ({record['seconds']:.0f} s), skipped", file=sys.stderr)
-            self.seconds[name] = record["seconds"]
+            self.seconds[name], self.runs[name] = record["seconds"], record["run"]
             return
         if record and record.get("key") != key and output.exists():
             shutil.rmtree(output)
@@ -134,9 +138,10 @@ class Runner:
             why = f"exited with status {status}" if status else f"did not write {done}"
             raise UserError(f"stage {name} failed: {why} ({last[:200]}); full log: {log}")
         print(f"[bench] {name}: {seconds:.0f} s", file=sys.stderr)
-        record_path.write_text(json.dumps({"key": key, "command": command, "status": "done",
+        run = f"{key}/{uuid.uuid4().hex}"  # what later stages depend on: this very run of the stage
+        record_path.write_text(json.dumps({"key": key, "run": run, "command": command, "status": "done",
                                            "seconds": seconds}) + "\n")
-        self.seconds[name] = seconds
+        self.seconds[name], self.runs[name] = seconds, run
 
 
 def python(*args: object) -> list[str]:
@@ -166,15 +171,15 @@ def labelled_subset(tree: Path, out: Path, per_class: int, seed: int) -> Path:
     return root
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown") \
-        if Path("/proc/cpuinfo").is_file() else platform.processor() or "unknown"
-    import torch
-
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+def machine(env: dict[str, str]) -> dict:
+    """What the numbers were measured on; OMP_NUM_THREADS as the steps saw it (unset: torch uses every core)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    return {"cpu": model, "cores": os.cpu_count(), "omp_num_threads": env.get("OMP_NUM_THREADS"),
+            "python": platform.python_version(), "torch": importlib.metadata.version("torch"),
+            "platform": platform.platform()}
 
 
 # --- The benchmark -----------------------------------------------------------------------------
@@ -301,7 +306,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (stages done earlier skipped)
         "stages_seconds": round(sum(runner.seconds.values()), 1),  # every stage, as recorded when it ran
         "stage_seconds": {name: round(seconds, 1) for name, seconds in runner.seconds.items()},
-        "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(env), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "out": str(out),
     }
     notes = Path(args.notes).read_text() if args.notes else None
@@ -382,8 +387,8 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         "(recipes/pretrain/<objective>-tiny-synth.yaml); fine-tuning: "
         f"{sizes['finetune_steps']} x {sizes['finetune_batch']}; probe: {sizes['probe_steps']} x "
         f"{sizes['probe_batch']}.",
-        f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} with {host['torch_threads']} "
-        f"threads (OMP_NUM_THREADS={host['omp_num_threads']}), Python {host['python']}, {host['platform']}.",
+        f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} "
+        f"(OMP_NUM_THREADS={host['omp_num_threads'] or 'unset'}), Python {host['python']}, {host['platform']}.",
         "", "## Commands", "", "```", result["command"].replace(sys.executable, "python"), "```", "",
         f"Each step, as run (OUT = `{out}`):", "", "```",
     ]
@@ -424,6 +429,10 @@ def main() -> int:
     parser.add_argument("--write-results", action="store_true",
                         help="also write bench/RESULTS.md and its plot (default: only under --out)")
     args = parser.parse_args()
+    for option in ("finetune_recipe", "probe_recipe", "train_soundfont", "test_soundfont", "notes"):
+        value = getattr(args, option)
+        if value is not None and not Path(value).is_file():
+            raise UserError(f"{value}: not found; pass an existing file as --{option.replace('_', '-')}")
     if any(n <= 0 for n in args.labelled_per_class or []):
         raise UserError("--labelled-per-class: counts must be positive")
     result = run_bench(args)
