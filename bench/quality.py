@@ -330,6 +330,7 @@ def plot(result: dict, path: Path) -> None:
     for name in [key for key in curve if key != "labelled_per_class"]:
         axes.plot(curve["labelled_per_class"], curve[name], marker="o", label=name if name == "scratch"
                   else f"pretrained ({name})")
+    axes.set_xticks(curve["labelled_per_class"])
     axes.set_xlabel("labelled clips per class (train + val)")
     axes.set_ylabel("macro F1, cross-SoundFont test")
     axes.set_ylim(0, 1)
