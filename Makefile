@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo
 SOUNDFONT_DIR := /usr/share/sounds/sf2
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test bench bench-quality bench-quality-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo: install
 	$(PY) -m shards pack folder $(DEMO)/synth/unlabeled $(DEMO)/shards/unlabeled --segment-seconds 3 --workers 2
 	$(PY) -m shards verify $(DEMO)/shards/irmas-train
 	$(PY) -m shards stats $(DEMO)/shards/irmas-train --plot $(DEMO)/irmas-train-classes.png
+	$(PY) -m pretrain recipes/pretrain/mae-tiny-synth.yaml output_dir=$(DEMO)/pretrain/mae-tiny
+	$(PY) -m finetune recipes/finetune/fluffy-tiny-synth.yaml backbone=$(DEMO)/pretrain/mae-tiny/backbone output_dir=$(DEMO)/finetune/fluffy-tiny
+	$(PY) -m finetune evaluate $(DEMO)/finetune/fluffy-tiny/model $(DEMO)/synth/IRMAS-TestingData-Part1 --out $(DEMO)/report
 
 test: install
 	$(PY) -m pytest -q tests
@@ -39,6 +42,15 @@ test: install
 bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/backbone.py
+	$(PY) bench/pretrain.py
+	$(PY) bench/inference.py
+
+# Does pretraining help? Scratch vs each objective on a cross-SoundFont test set (< 90 min on 2 cores).
+bench-quality: install
+	$(PY) bench/quality.py --write-results
+
+bench-quality-tiny: install
+	$(PY) bench/quality.py --budget tiny --out bench/out/quality-tiny
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

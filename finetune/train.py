@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
 from finetune.adapters import AdaptConfig, param_groups, prepare
@@ -161,6 +162,7 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     if recipe.eval.aggregate not in AGGREGATES:
         raise UserError(f"{source}: eval.aggregate must be mean or max; got {recipe.eval.aggregate!r}")
     output_dir = Path(recipe.output_dir)
+    set_seed(recipe.train.seed)  # the same head (and scratch backbone) initialisation on every run and every rank
     classifier = build_classifier(recipe, source=source)
     pos_weight = None
     if recipe.loss.pos_weight:
