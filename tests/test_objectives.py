@@ -205,7 +205,7 @@ def test_pretrainer_combines_weighted_objectives_and_draws_pictures():
     loss, logs = model(batch)
     assert set(logs) >= {"mae", "electra", "metric", "metric_ntxent", "metric_triplet", "electra_balanced_accuracy"}
     expected = float(logs["mae"]) + 0.5 * float(logs["electra"]) + 0.25 * float(logs["metric"])
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     loss.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert not unused
