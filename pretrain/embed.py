@@ -31,8 +31,7 @@ from pretrain.hub import load_backbone
 from shards.audio import BadAudio, convert, read_segments
 from shards.errors import UserError
 from shards.loader import eval_samples, shard_urls
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".au", ".opus", ".w64", ".caf"}
+from shards.sources import AUDIO_EXTENSIONS
 
 
 def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
@@ -55,7 +54,7 @@ def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[t
             for sample in eval_samples(shard_urls(given), rank=0, world_size=1, sample_rate=sample_rate):
                 yield sample["key"], torch.as_tensor(sample["audio"], dtype=torch.float32)
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
             if not files:
                 raise UserError(f"{given}: no audio files or shards in this folder")
             for file in files:

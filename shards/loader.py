@@ -42,11 +42,11 @@ import fsspec
 import numpy as np
 import soundfile
 import torch
-import torchaudio
 import webdataset as wds
 from einops import rearrange
 
 from shards import vocab
+from shards.audio import convert
 from shards.errors import UserError
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
@@ -339,15 +339,8 @@ def _metadata(sample: dict) -> dict:
 
 
 def _mono(frames: np.ndarray, rate: int, sample_rate: int) -> torch.Tensor:
-    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`.
-
-    The channel mean is numpy's: torch's intra-op threads make this tiny reduction slow on a busy machine.
-    """
-    mono = frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
-    audio = torch.from_numpy(np.ascontiguousarray(mono))
-    if rate != sample_rate:
-        audio = torchaudio.functional.resample(audio, rate, sample_rate)
-    return audio
+    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`, by pack's own channel and rate rules."""
+    return torch.from_numpy(np.ascontiguousarray(convert(frames, rate, sample_rate=sample_rate, channels=1)[:, 0]))
 
 
 def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
