@@ -1,4 +1,4 @@
-"""Classification heads on top of the backbone: linear, MLP and Fluffy, with optional attention pooling.
+"""Classification heads on top of the backbone: linear, MLP and Fluffy, with cls, mean or attention pooling.
 
 `linear` is exactly transformers' `ASTMLPHead` (LayerNorm + Linear on the pooled cls/distillation embedding, parameter
 names `layernorm` and `dense`), so a linear-head model exports as an `ASTForAudioClassification` folder. `fluffy` gives
@@ -17,7 +17,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 HEADS = ("linear", "mlp", "fluffy")
-POOLINGS = ("cls", "attention")
+POOLINGS = ("cls", "mean", "attention")
 
 
 @dataclass
@@ -25,7 +25,9 @@ class HeadConfig:
     """Which head, how it pools the backbone output, and its size."""
 
     kind: Literal["linear", "mlp", "fluffy"] = "fluffy"
-    pooling: Literal["cls", "attention"] = "cls"  # cls: mean of cls & distillation tokens (AST pooler_output)
+    # cls: mean of cls & distillation tokens (AST pooler_output); mean: mean of the patch tokens, AudioMAE's probe
+    # input (an MAE-pretrained cls token never gets a training signal); attention: learned queries
+    pooling: Literal["cls", "mean", "attention"] = "cls"
     hidden: int = 256  # mlp hidden width; fluffy: width of each instrument's head
     dropout: float = 0.1
 
@@ -120,7 +122,9 @@ class Head(nn.Module):
             self.classifier = FluffyHead(dim=dim, classes=classes, hidden=config.hidden, dropout=config.dropout, eps=eps)
 
     def pooled(self, tokens: Tensor, embedding: Tensor) -> Tensor:
-        """What the classifier reads: the cls/distillation embedding or the attention-pooled tokens."""
+        """What the classifier reads: the cls/distillation embedding, the mean patch token or the attention-pooled tokens."""
+        if self.config.pooling == "mean":
+            return tokens.mean(dim=1)
         if self.pool is None:
             return embedding
         pooled = self.pool(tokens)

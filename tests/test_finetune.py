@@ -83,6 +83,7 @@ def recipe_for(backbone_dir: Path, data: dict, **sections) -> FinetuneRecipe:
 
 CASES = {
     "linear-probe": dict(head__kind="linear", adapt__mode="probe"),
+    "linear-mean-probe": dict(head__kind="linear", head__pooling="mean", adapt__mode="probe"),
     "mlp-full-lrd": dict(head__kind="mlp", adapt__mode="full", adapt__layer_decay=0.5),
     "fluffy-attention-adapter": dict(head__kind="fluffy", head__pooling="attention", adapt__mode="adapter"),
     "fluffy-parallel-adapter-focal": dict(head__kind="fluffy", adapt__mode="adapter", adapt__adapter_style="parallel",
@@ -143,7 +144,8 @@ def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
     expected, _ = classifier.predict(batch["audio"])
     actual, _ = loaded.classifier.predict(batch["audio"])
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
-    assert (tmp_path / "model" / "config.json").is_file() == (recipe.head.kind == "linear" and mode != "adapter")
+    exportable = recipe.head.kind == "linear" and recipe.head.pooling == "cls" and mode != "adapter"
+    assert (tmp_path / "model" / "config.json").is_file() == exportable
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
