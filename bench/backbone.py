@@ -2,11 +2,13 @@
 
 Prints one JSON object: clips/s of forward (inference) and forward+backward for both models in fp32
 and under bf16 autocast, and the ratios Timbre / ASTModel. Measurements of the two models are
-interleaved so that load from other processes hits both alike; each figure is the best of `--repeats`.
+interleaved so that load from other processes hits both alike; each measurement times `--steps` consecutive
+steps after one untimed step (a model in use runs step after step, so its weights are in cache; alternating
+single steps of two models would time cache misses instead), and each figure is the best of `--repeats`.
 Clips per second of wall-clock time and of process CPU time are both given: on a machine shared
 with other jobs the CPU-time figures are the stable ones (waiting for a core costs no CPU time).
 
-    python bench/backbone.py [--size tiny|small|base] [--batch 8] [--repeats 7] [--threads N]
+    python bench/backbone.py [--size tiny|small|base] [--batch 8] [--repeats 5] [--steps 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def step(model: torch.nn.Module, features: torch.Tensor, *, backward: bool, bf16
         model.zero_grad(set_to_none=True)
 
 
-def clips_per_second(model: torch.nn.Module, features: torch.Tensor, *, backward: bool, bf16: bool) -> tuple[float, float]:
-    """(clips per wall-clock second, clips per CPU second) of one step."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def clips_per_second(model: torch.nn.Module, features: torch.Tensor, *, steps: int, backward: bool,
+                     bf16: bool) -> tuple[float, float]:
+    """(clips per wall-clock second, clips per CPU second) over `steps` steps, after one untimed step."""
     step(model, features, backward=backward, bf16=bf16)
-    return features.shape[0] / (time.perf_counter() - wall), features.shape[0] / (time.process_time() - cpu)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step(model, features, backward=backward, bf16=bf16)
+    clips = steps * features.shape[0]
+    return clips / (time.perf_counter() - wall), clips / (time.process_time() - cpu)
 
 
 def cpu_name() -> str:
@@ -65,7 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -89,7 +96,7 @@ def main() -> None:
             best = {clock: {"timbre": 0.0, "transformers": 0.0} for clock in results}
             for _ in range(args.repeats):
                 for name, model in (("timbre", ours), ("transformers", theirs)):
-                    wall, cpu = clips_per_second(model, features, **kwargs)
+                    wall, cpu = clips_per_second(model, features, steps=args.steps, **kwargs)
                     best["wall"][name] = max(best["wall"][name], wall)
                     best["cpu"][name] = max(best["cpu"][name], cpu)
             for clock, figures in best.items():
@@ -100,6 +107,7 @@ def main() -> None:
         "benchmark": "backbone",
         "size": args.size,
         "batch": args.batch,
+        "steps_per_measurement": args.steps,
         "frames": CLIP_FRAMES,
         "tokens": ours.grid(CLIP_FRAMES)[0] * ours.grid(CLIP_FRAMES)[1] + 2,
         "threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ command and its log file are printed to stderr (logs under OUT/logs); a failing 
 naming the stage. Delete OUT after changing the toolkit's code: the keys do not cover it.
 
     python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~8 min on the busy VM: checks the pipeline
-    python bench/quality.py --write-results        # the full budget (~75 min on 2 idle cores): bench/RESULTS.md
+    python bench/quality.py --write-results        # the full budget (~70 min on 2 idle cores): bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ BUDGETS = {
     # Checks the pipeline end to end in minutes; its numbers say nothing about quality.
     "tiny": Budget(unlabeled=16, labelled_per_class=(3, 6), test_files=8, pretrain_steps=3, pretrain_batch=4,
                    finetune_steps=4, finetune_batch=4, probe_steps=4, probe_batch=8),
-    # The default, estimated at ~75 min on 2 idle cores from throughput measured on the busy development VM:
-    # data ~6, pretraining ~24 (1600 clips per objective, half of it `combined`), 9 fine-tunes ~32, 5 probes ~5,
-    # 14 evaluations ~8. The stage times in the JSON give the real split.
-    "full": Budget(unlabeled=1500, labelled_per_class=(8, 16, 32), test_files=100, pretrain_steps=100,
-                   pretrain_batch=16, finetune_steps=60, finetune_batch=16, probe_steps=60, probe_batch=32),
+    # The default, sized from throughput measured on 2 idle cores (MAE ~48, ELECTRA ~14, metric ~9, combined ~5
+    # clips/s; fine-tuning ~1.4 s per step): data ~8 min, pretraining ~17 (2400 clips per objective, half of it
+    # `combined`), 9 fine-tunes ~25, 5 probes ~4, 14 evaluations ~6. RESULTS.md lists the real stage times.
+    "full": Budget(unlabeled=1500, labelled_per_class=(8, 16, 32), test_files=100, pretrain_steps=150,
+                   pretrain_batch=16, finetune_steps=100, finetune_batch=16, probe_steps=100, probe_batch=32),
 }
 
 
