@@ -34,10 +34,12 @@ import re
 import sys
 import tarfile
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -54,6 +56,7 @@ FORMAT = "timbre-shards"
 VERSION = 1
 SHARD_NAME = "shard-{:06d}.tar"
 TEMP_SUFFIX = ".tmp"
+TASK_INPUTS = 4  # inputs per worker task
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 UNKNOWN = "unknown"  # manifest bucket for samples without a genre / drums tag
 
@@ -250,9 +253,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict, *, indent: int | None = 1) -> None:
     temp = path.with_name(path.name + TEMP_SUFFIX)
-    temp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    temp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temp, path)
 
 
@@ -356,7 +359,7 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     resumed = state is not None
     state = {"fingerprint": stamp, "splits": {s: _resume_split(outdir, s, (state or {}).get("splits", {}).get(s))
                                               for s in splits}}
-    _write_json(outdir / STATE, state)
+    _write_json(outdir / STATE, state, indent=None)
     if resumed:
         kept = sum(len(split["shards"]) for split in state["splits"].values())
         print_fn(f"resuming {outdir}: {kept} complete shard(s) kept (checksums match)")
@@ -365,7 +368,9 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     with _pool(workers) if workers > 1 else _one_thread() as pool:
         for split in splits:
             split_records = [r for r, s in zip(records, assigned) if s == split]
-            _pack_split(split_records, outdir, split, state, encode, pool, options, progress)
+            # a few tasks per worker keep every worker busy; never more than a shard's worth in memory
+            in_flight = min(options.shard_size, 4 * TASK_INPUTS * workers)
+            _pack_split(split_records, outdir, split, state, encode, pool, in_flight, options, progress)
 
     counts = {split: assigned.count(split) for split in splits}
     manifest = build_manifest(found, counts, state, options, input_path)
@@ -397,8 +402,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, encode, pool, options: PackOptions,
-                progress: bool) -> None:
+def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, encode, pool, in_flight: int,
+                options: PackOptions, progress: bool) -> None:
     progress_state = state["splits"][split]
     if progress_state["done"]:
         return
@@ -407,7 +412,7 @@ def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, en
     bar = tqdm(total=len(records), initial=first, desc=f"pack {split}", unit="file", disable=not progress,
                dynamic_ncols=True)
     try:
-        for position, result in _results(records, first, encode, pool, options.shard_size):
+        for position, result in _results(records, first, encode, pool, in_flight):
             if isinstance(result, Skip):
                 progress_state["skips"].append({"path": result.path, "reason": result.reason})
             else:
@@ -422,23 +427,43 @@ def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, en
                     if writer.stats.samples == options.shard_size:
                         done_input = index + 1 == len(result.samples)
                         _close(writer, progress_state, [position + 1, 0] if done_input else [position, index + 1])
-                        _write_json(outdir / STATE, state)
+                        _write_json(outdir / STATE, state, indent=None)
             bar.update(1)
         if writer.stats.samples:
             _close(writer, progress_state, [len(records), 0])
         progress_state["next"], progress_state["done"] = [len(records), 0], True
-        _write_json(outdir / STATE, state)
+        _write_json(outdir / STATE, state, indent=None)
     finally:
         writer.abandon()
         bar.close()
 
 
-def _results(records: list[Record], first: int, encode, pool, window: int) -> Iterator[tuple[int, Packed | Skip]]:
-    """(position, result) in input order, computing one window of inputs at a time (bounded memory)."""
-    for start in range(first, len(records), window):
-        chunk = records[start : start + window]
-        results = pool.imap(encode, chunk) if pool is not None else map(encode, chunk)
-        yield from enumerate(results, start=start)
+def _results(records: list[Record], first: int, encode, pool, in_flight: int) -> Iterator[tuple[int, Packed | Skip]]:
+    """(position, result) in input order, with at most `in_flight` inputs given to the pool (bounded memory).
+
+    Inputs travel in tasks of TASK_INPUTS (fewer round trips through the pool's queues), and a new task is handed
+    out as each one's results are taken, so the workers never wait for this process to write and checksum a shard.
+    """
+    if pool is None:
+        yield from enumerate(map(encode, records[first:]), start=first)
+        return
+    tasks = (range(start, min(start + TASK_INPUTS, len(records))) for start in range(first, len(records), TASK_INPUTS))
+    pending: deque = deque()
+
+    def submit(span: range) -> None:
+        pending.append((span, pool.apply_async(_encode_all, (encode, [records[i] for i in span]))))
+
+    for span in islice(tasks, max(1, in_flight // TASK_INPUTS)):
+        submit(span)
+    while pending:
+        span, result = pending.popleft()
+        for later in islice(tasks, 1):
+            submit(later)
+        yield from zip(span, result.get())
+
+
+def _encode_all(encode, records: list[Record]) -> list[Packed | Skip]:
+    return [encode(record) for record in records]
 
 
 def _close(writer: ShardWriter, progress_state: dict, next_input: list[int]) -> None:
