@@ -221,6 +221,17 @@ def run_bench(args: argparse.Namespace) -> dict:
     runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", train_tree / "unlabeled",
                                         shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
                output=shards / "unlabeled", done=shards / "unlabeled" / "manifest.json", after=("synth-train",))
+    if args.pool_soundfonts == "both":  # unlabeled music of the test domain, never the test excerpts themselves
+        pool_tree = data / "test-font-pool"
+        runner.run("synth-pool-test-font", python("-m", "shards", "synth", pool_tree, "--train-per-class", 0,
+                                                  "--test-files", 0, "--unlabeled", budget.unlabeled // 2,
+                                                  "--seed", seed + 2, "--soundfont", test_font, "--quiet"),
+                   output=pool_tree, done=pool_tree / "synth.json", files=(test_font,))
+        runner.run("pack-unlabeled-test-font", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
+                                                      shards / "unlabeled-test-font", "--segment-seconds", 3,
+                                                      "--quiet"),
+                   output=shards / "unlabeled-test-font", done=shards / "unlabeled-test-font" / "manifest.json",
+                   after=("synth-pool-test-font",))
     runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
                                    "--quiet"),
                output=shards / "test", done=shards / "test" / "manifest.json", after=("synth-test",))
@@ -239,6 +250,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.pretrain_data == "both":
         pretrain_data.append(str(labelled[main_n] / "train"))
         pretrain_after += (f"pack-labelled-{main_n}",)
+    if args.pool_soundfonts == "both":
+        pretrain_data.append(str(shards / "unlabeled-test-font" / "train"))
+        pretrain_after += ("pack-unlabeled-test-font",)
     pretrained: dict[str, dict] = {}
     for objective in objectives:
         run_dir, recipe = out / "pretrain" / objective, RECIPES / "pretrain" / f"{objective}-tiny-synth.yaml"
@@ -299,7 +313,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                "met": margin is not None and margin >= TARGET_MARGIN and top >= TARGET_MACRO_F1}
     result = {
         "budget": args.budget, "sizes": dataclasses.asdict(budget), "seed": seed, "test_seed": seed + 1,
-        "objectives": list(objectives), "pretrain_data": args.pretrain_data,
+        "objectives": list(objectives), "pretrain_data": args.pretrain_data, "pool_soundfonts": args.pool_soundfonts,
         "train_soundfont": str(args.train_soundfont), "test_soundfont": str(args.test_soundfont),
         "labelled_per_class": main_n, "rows": rows, "best_objective": best, "targets": targets,
         "label_efficiency": {"labelled_per_class": list(budget.labelled_per_class), **curve},
@@ -382,6 +396,8 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         "", "## Setup", "",
         f"- Seeds: training data and all training runs {result['seed']}, test data {result['test_seed']}.",
         f"- Data: {sizes['unlabeled']} unlabeled clips (3-12 s) for pretraining"
+        + (f" plus {sizes['unlabeled'] // 2} rendered with the test SoundFont (seed {result['seed'] + 2}; other "
+           "music than the test excerpts)" if result["pool_soundfonts"] == "both" else "")
         + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
         + f"; train SoundFont `{result['train_soundfont']}`, test SoundFont `{result['test_soundfont']}`.",
         f"- Pretraining: {sizes['pretrain_steps']} steps x {sizes['pretrain_batch']} clips per objective "
@@ -419,6 +435,11 @@ def main() -> int:
     parser.add_argument("--pretrain-data", choices=("both", "unlabeled"), default="both",
                         help="pretrain on the unlabeled pool plus the labelled training split (default, as the "
                         "recipes do; the metric objective uses its labels) or on the pool only")
+    parser.add_argument("--pool-soundfonts", choices=("train", "both"), default="train",
+                        help="train (default): the unlabeled pool uses only the training SoundFont, so the test "
+                        "timbres are never heard; both: add half as much unlabeled music rendered with the test "
+                        "SoundFont (other pieces and seed than the test set), as when users pretrain on their own "
+                        "collection")
     parser.add_argument("--finetune-recipe", default=str(RECIPES / "finetune" / "fluffy-tiny-synth.yaml"))
     parser.add_argument("--probe-recipe", default=str(RECIPES / "finetune" / "probe.yaml"))
     parser.add_argument("--train-soundfont", default=str(FLUIDR3), help=f"default {FLUIDR3}")
