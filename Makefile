@@ -47,7 +47,7 @@ bench: install
 
 # Does pretraining help? Scratch vs each objective on a cross-SoundFont test set (< 90 min on 2 cores).
 bench-quality: install
-	$(PY) bench/quality.py --write-results
+	$(PY) bench/quality.py --write-results --notes bench/quality_notes.md
 
 bench-quality-tiny: install
 	$(PY) bench/quality.py --budget tiny --out bench/out/quality-tiny
