@@ -262,6 +262,11 @@ def _write_json(path: Path, data: dict, *, indent: int | None = 1) -> None:
 # ---------------------------------------------------------------- resume state
 
 
+def _save_state(outdir: Path, state: dict) -> None:
+    """The resume state, rewritten after every shard: compact JSON, which encodes several times faster than indented."""
+    _write_json(outdir / STATE, state, indent=None)
+
+
 def fingerprint(records: Sequence[Record], skips: Sequence[Skip], options: PackOptions) -> str:
     """Hash of the options, the labels and the size/mtime of every input: what a resumed pack must match."""
     digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
@@ -359,17 +364,16 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     resumed = state is not None
     state = {"fingerprint": stamp, "splits": {s: _resume_split(outdir, s, (state or {}).get("splits", {}).get(s))
                                               for s in splits}}
-    _write_json(outdir / STATE, state, indent=None)
+    _save_state(outdir, state)
     if resumed:
         kept = sum(len(split["shards"]) for split in state["splits"].values())
         print_fn(f"resuming {outdir}: {kept} complete shard(s) kept (checksums match)")
 
     encode = partial(encode_record, options=options)
+    in_flight = min(options.shard_size, 4 * TASK_INPUTS * workers)  # keeps every worker busy, a shard at most
     with _pool(workers) if workers > 1 else _one_thread() as pool:
         for split in splits:
             split_records = [r for r, s in zip(records, assigned) if s == split]
-            # a few tasks per worker keep every worker busy; never more than a shard's worth in memory
-            in_flight = min(options.shard_size, 4 * TASK_INPUTS * workers)
             _pack_split(split_records, outdir, split, state, encode, pool, in_flight, options, progress)
 
     counts = {split: assigned.count(split) for split in splits}
@@ -427,12 +431,12 @@ def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, en
                     if writer.stats.samples == options.shard_size:
                         done_input = index + 1 == len(result.samples)
                         _close(writer, progress_state, [position + 1, 0] if done_input else [position, index + 1])
-                        _write_json(outdir / STATE, state, indent=None)
+                        _save_state(outdir, state)
             bar.update(1)
         if writer.stats.samples:
             _close(writer, progress_state, [len(records), 0])
         progress_state["next"], progress_state["done"] = [len(records), 0], True
-        _write_json(outdir / STATE, state, indent=None)
+        _save_state(outdir, state)
     finally:
         writer.abandon()
         bar.close()

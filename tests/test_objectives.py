@@ -162,14 +162,19 @@ def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, featur
     assert last < 0.9 * first, (objective, losses)
 
 
-def test_mae_reconstructs_held_out_masked_patches_better_than_the_mean_patch(features):
-    model = pretrainer(mae=1.0)
+def trained(objective: str, train: torch.Tensor, *, steps: int) -> Pretrainer:
+    """A pretrainer with only `objective`, trained for `steps` on rolling batches of 16 of `train`, in eval mode."""
+    model = pretrainer(**{objective: 1.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(150):
-        model.mae(features["train"][(step % 8) * 16:][:16])["loss"].backward()
+    for step in range(steps):
+        getattr(model, objective)(train[(step % 8) * 16:][:16])["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
+    return model.eval()
+
+
+def test_mae_reconstructs_held_out_masked_patches_better_than_the_mean_patch(features):
+    model = trained("mae", features["train"], steps=150)
     torch.manual_seed(123)
     with torch.no_grad():
         seen = model.mae(features["train"])
@@ -180,13 +185,7 @@ def test_mae_reconstructs_held_out_masked_patches_better_than_the_mean_patch(fea
 
 
 def test_electra_head_beats_chance_on_held_out_clips(features):
-    model = pretrainer(electra=1.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(200):
-        model.electra(features["train"][(step % 8) * 16:][:16])["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    model = trained("electra", features["train"], steps=200)
     torch.manual_seed(123)
     with torch.no_grad():
         held = model.electra(features["held_out"])
