@@ -19,7 +19,7 @@ command and its log file are printed to stderr (logs under OUT/logs); a failing 
 naming the stage. Delete OUT after changing the toolkit's code: the keys do not cover it.
 
     python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~8 min on the busy VM: checks the pipeline
-    python bench/quality.py --write-results        # the full budget (~70 min on 2 idle cores): bench/RESULTS.md
+    python bench/quality.py --write-results        # the full budget (45 min on 2 idle cores): bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ BUDGETS = {
     # Checks the pipeline end to end in minutes; its numbers say nothing about quality.
     "tiny": Budget(unlabeled=16, labelled_per_class=(3, 6), test_files=8, pretrain_steps=3, pretrain_batch=4,
                    finetune_steps=4, finetune_batch=4, probe_steps=4, probe_batch=8),
-    # The default, sized from throughput measured on 2 idle cores (MAE ~48, ELECTRA ~14, metric ~9, combined ~5
-    # clips/s; fine-tuning ~1.4 s per step): data ~8 min, pretraining ~17 (2400 clips per objective, half of it
-    # `combined`), 9 fine-tunes ~25, 5 probes ~4, 14 evaluations ~6. RESULTS.md lists the real stage times.
+    # The default, sized from throughput measured on 2 idle cores; it took 45 min there: data ~4 min, pretraining
+    # ~14 (2400 clips per objective, half of it `combined`), 9 fine-tunes ~15, 5 probes ~6, 14 evaluations ~6.
+    # RESULTS.md lists every stage's time.
     "full": Budget(unlabeled=1500, labelled_per_class=(8, 16, 32), test_files=100, pretrain_steps=150,
                    pretrain_batch=16, finetune_steps=100, finetune_batch=16, probe_steps=100, probe_batch=32),
 }
@@ -221,11 +221,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", train_tree / "unlabeled",
                                         shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
                output=shards / "unlabeled", done=shards / "unlabeled" / "manifest.json", after=("synth-train",))
+    pool_seed = seed + 2
     if args.pool_soundfonts == "both":  # unlabeled music of the test domain, never the test excerpts themselves
         pool_tree = data / "test-font-pool"
         runner.run("synth-pool-test-font", python("-m", "shards", "synth", pool_tree, "--train-per-class", 0,
                                                   "--test-files", 0, "--unlabeled", budget.unlabeled // 2,
-                                                  "--seed", seed + 2, "--soundfont", test_font, "--quiet"),
+                                                  "--seed", pool_seed, "--soundfont", test_font, "--quiet"),
                    output=pool_tree, done=pool_tree / "synth.json", files=(test_font,))
         runner.run("pack-unlabeled-test-font", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
                                                       shards / "unlabeled-test-font", "--segment-seconds", 3,
@@ -314,6 +315,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     result = {
         "budget": args.budget, "sizes": dataclasses.asdict(budget), "seed": seed, "test_seed": seed + 1,
         "objectives": list(objectives), "pretrain_data": args.pretrain_data, "pool_soundfonts": args.pool_soundfonts,
+        "pool_seed": pool_seed,
         "train_soundfont": str(args.train_soundfont), "test_soundfont": str(args.test_soundfont),
         "labelled_per_class": main_n, "rows": rows, "best_objective": best, "targets": targets,
         "label_efficiency": {"labelled_per_class": list(budget.labelled_per_class), **curve},
@@ -396,7 +398,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         "", "## Setup", "",
         f"- Seeds: training data and all training runs {result['seed']}, test data {result['test_seed']}.",
         f"- Data: {sizes['unlabeled']} unlabeled clips (3-12 s) for pretraining"
-        + (f" plus {sizes['unlabeled'] // 2} rendered with the test SoundFont (seed {result['seed'] + 2}; other "
+        + (f" plus {sizes['unlabeled'] // 2} rendered with the test SoundFont (seed {result['pool_seed']}; other "
            "music than the test excerpts)" if result["pool_soundfonts"] == "both" else "")
         + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
         + f"; train SoundFont `{result['train_soundfont']}`, test SoundFont `{result['test_soundfont']}`.",
