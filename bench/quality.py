@@ -3,12 +3,15 @@
 Runs the toolkit's own command lines, one subprocess per step, exactly as a user would:
 1. `shards synth`: an unlabeled pool and a labelled IRMAS-layout training set rendered with one SoundFont
    (FluidR3_GM), and a polyphonic IRMAS-layout test set rendered with another (pretty_midi's TimGM6mb) and seed,
-   so the score measures generalisation to unseen timbres, not memorised samples;
+   so the score measures generalisation to unseen timbres, not memorised samples; the same test pieces are also
+   rendered with the training SoundFont, to show what the unseen timbres cost;
 2. `shards pack` each (the labelled set with a song-grouped validation split, for thresholds), plus nested,
    song-grouped subsets of the labelled set for the label-efficiency curve;
 3. `pretrain` the same tiny backbone with each objective's recipe for the same compute (steps x batch);
 4. `finetune` each backbone and a from-scratch baseline with the same recipe, and a linear probe of each;
-5. `finetune evaluate` every model on the cross-SoundFont test shards (the numbers come from its report.json);
+5. `finetune evaluate` every model on the cross-SoundFont test shards (the numbers come from its report.json),
+   and the main table's fine-tuned models on the same-font test shards too; score two yardsticks without a ViT
+   (every instrument predicted; a logistic regression on log-mel statistics);
 6. write RESULTS.md (table, commands, seeds, machine, date) and a label-efficiency plot (macro F1 against
    labelled clips per class, scratch vs the best objective) to --out, and to bench/ with --write-results.
 
@@ -45,9 +48,17 @@ from pathlib import Path
 # bench/shards.py and bench/pretrain.py are named like the packages: drop this folder from the path.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from finetune.metrics import multilabel_metrics, tune_thresholds  # noqa: E402
+from finetune.model import cut_windows  # noqa: E402
+from pretrain.frontend import LogMel  # noqa: E402
 from shards.errors import UserError, run_cli  # noqa: E402
+from shards.loader import eval_samples  # noqa: E402
 from shards.sources import TRAIN_DIR, scan  # noqa: E402
 from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont  # noqa: E402
+from shards.vocab import INSTRUMENTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -55,6 +66,7 @@ RECIPES = ROOT / "recipes"
 OBJECTIVES = ("mae", "electra", "metric", "combined")
 VAL_FRACTION = 0.2
 HEADLINE = ("macro_f1", "micro_f1", "lrap")
+ROW_SCORES = (*HEADLINE, "same_font_macro_f1", "same_font_lrap")  # fine-tune scores in the table
 TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.75  # the issue's bar: pretrained - scratch, best fine-tuned macro F1
 
 
@@ -171,6 +183,49 @@ def labelled_subset(tree: Path, out: Path, per_class: int, seed: int) -> Path:
     return root
 
 
+def baselines(train: Path, val: Path, tests: dict[str, Path], *, clip_seconds: float = 3.0) -> dict[str, dict]:
+    """Two yardsticks without a ViT, scored like the models (file-level, windows averaged, val-tuned thresholds).
+
+    "every instrument" predicts all 11 on every file: the macro F1 that a model with no information reaches by
+    thresholds alone. "log-mel statistics": a logistic regression per instrument on the mean and standard
+    deviation of each mel bin over a window, the features of the backbones' own frontend.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frontend = LogMel()
+    window = round(clip_seconds * frontend.config.sample_rate)
+
+    @torch.inference_mode()
+    def files(spec: Path) -> tuple[list[np.ndarray], np.ndarray]:
+        features, targets = [], []
+        for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=frontend.config.sample_rate):
+            log_mel = frontend(cut_windows(sample["audio"], window, window // 2)[0])  # (windows, frames, mels)
+            features.append(torch.cat([log_mel.mean(dim=1), log_mel.std(dim=1)], dim=1).numpy())
+            targets.append(sample["targets"].numpy())
+        return features, np.stack(targets)
+
+    (train_x, train_y), (val_x, val_y) = files(train), files(val)
+    per_window_y = np.concatenate([np.repeat(y[None], len(x), axis=0) for x, y in zip(train_x, train_y)])
+    regression = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=2000)))
+    regression.fit(np.concatenate(train_x), per_window_y)
+
+    def probabilities(features: list[np.ndarray]) -> np.ndarray:
+        return np.stack([regression.predict_proba(x).mean(axis=0) for x in features])
+
+    thresholds = tune_thresholds(probabilities(val_x), val_y)
+    every, regressed = {}, {}
+    for prefix, spec in tests.items():
+        test_x, test_y = files(spec)
+        always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(INSTRUMENTS)), list(INSTRUMENTS))
+        scores = multilabel_metrics(probabilities(test_x), test_y, thresholds, list(INSTRUMENTS))
+        every |= {prefix + "macro_f1": always["macro_f1"], prefix + "micro_f1": always["micro_f1"]}
+        regressed |= {prefix + key: scores[key] for key in HEADLINE}
+    return {"every instrument": every, "log-mel statistics + logistic regression": regressed}
+
+
 def machine(env: dict[str, str]) -> dict:
     """What the numbers were measured on; OMP_NUM_THREADS as the steps saw it (unset: torch uses every core)."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -236,6 +291,16 @@ def run_bench(args: argparse.Namespace) -> dict:
     runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
                                    "--quiet"),
                output=shards / "test", done=shards / "test" / "manifest.json", after=("synth-test",))
+    # The same test pieces (same seed) rendered with the training SoundFont: what is lost to the unseen timbres.
+    same_tree = data / "test-train-font"
+    runner.run("synth-test-train-font", python("-m", "shards", "synth", same_tree, "--train-per-class", 0,
+                                               "--test-files", budget.test_files, "--unlabeled", 0,
+                                               "--seed", seed + 1, "--soundfont", train_font, "--quiet"),
+               output=same_tree, done=same_tree / "synth.json", files=(train_font,))
+    runner.run("pack-test-train-font", python("-m", "shards", "pack", "irmas-test", same_tree / TEST_DIR,
+                                              shards / "test-train-font", "--quiet"),
+               output=shards / "test-train-font", done=shards / "test-train-font" / "manifest.json",
+               after=("synth-test-train-font",))
     labelled: dict[int, Path] = {}
     for n in budget.labelled_per_class:
         source = train_tree / TRAIN_DIR if n == main_n else labelled_subset(train_tree / TRAIN_DIR,
@@ -244,7 +309,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         runner.run(f"pack-labelled-{n}", python("-m", "shards", "pack", "irmas-train", source, labelled[n],
                                                 "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
                    output=labelled[n], done=labelled[n] / "manifest.json", after=("synth-train",))
-    test_data = shards / "test" / "test"
+    tests = {"": shards / "test" / "test", "same_font_": shards / "test-train-font" / "test"}
 
     # 3. Pretraining: every objective's recipe, the same backbone, data, steps and batch.
     pretrain_data, pretrain_after = [str(shards / "unlabeled" / "train")], ("pack-unlabeled",)
@@ -269,7 +334,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                                  "steps": state["step"], "seconds": runner.seconds[f"pretrain-{objective}"]}
 
     # 4-5. Fine-tune / probe each backbone (and scratch) and evaluate on the cross-SoundFont test shards.
-    def finetune(kind: str, name: str, n: int, backbone: Path | None) -> dict:
+    def finetune(kind: str, name: str, n: int, backbone: Path | None, *, same_font: bool = False) -> dict:
         recipe = Path(args.finetune_recipe if kind == "finetune" else args.probe_recipe).resolve()
         steps, batch = ((budget.finetune_steps, budget.finetune_batch) if kind == "finetune"
                         else (budget.probe_steps, budget.probe_batch))
@@ -281,19 +346,23 @@ def run_bench(args: argparse.Namespace) -> dict:
                          f"output_dir={run_dir}")
         runner.run(f"{kind}-{name}-{n}", command, output=run_dir, done=run_dir / "model" / "finetune.json",
                    after=(f"pack-labelled-{n}", *([f"pretrain-{name}"] if backbone else [])), files=(recipe,))
-        report_dir = out / "evaluate" / f"{kind}-{name}-{n}"
-        runner.run(f"evaluate-{kind}-{name}-{n}",
-                   python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
-                   output=report_dir, done=report_dir / "report.json", after=(f"{kind}-{name}-{n}", "pack-test"))
-        report = json.loads((report_dir / "report.json").read_text())
-        return {key: report[key] for key in HEADLINE} | {"report": str(report_dir / "report.json")}
+        scores = {}
+        for prefix, test_data in tests.items() if same_font else [("", tests[""])]:
+            stage = f"evaluate-{prefix.replace('_', '-')}{kind}-{name}-{n}"
+            report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
+            runner.run(stage, python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
+                       output=report_dir, done=report_dir / "report.json",
+                       after=(f"{kind}-{name}-{n}", "pack-test-train-font" if prefix else "pack-test"))
+            report = json.loads((report_dir / "report.json").read_text())
+            scores |= {prefix + key: report[key] for key in HEADLINE}
+        return scores
 
     rows: dict[str, dict] = {}
     for name in ("scratch", *objectives):
         backbone = pretrained[name]["backbone"] if name in pretrained else None
-        tuned, probe = finetune("finetune", name, main_n, backbone), finetune("probe", name, main_n, backbone)
-        rows[name] = {"probe_macro_f1": probe["macro_f1"], "macro_f1": tuned["macro_f1"],
-                      "micro_f1": tuned["micro_f1"], "lrap": tuned["lrap"],
+        tuned = finetune("finetune", name, main_n, backbone, same_font=True)
+        probe = finetune("probe", name, main_n, backbone)
+        rows[name] = {"probe_macro_f1": probe["macro_f1"], **{key: tuned[key] for key in ROW_SCORES},
                       "pretrain_clips_per_s": pretrained[name]["clips_per_s"] if name in pretrained else None,
                       "pretrain_seconds": pretrained[name]["seconds"] if name in pretrained else None}
 
@@ -318,6 +387,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "pool_seed": pool_seed,
         "train_soundfont": str(args.train_soundfont), "test_soundfont": str(args.test_soundfont),
         "labelled_per_class": main_n, "rows": rows, "best_objective": best, "targets": targets,
+        "baselines": baselines(labelled[main_n] / "train", labelled[main_n] / "val", tests),
         "label_efficiency": {"labelled_per_class": list(budget.labelled_per_class), **curve},
         "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (stages done earlier skipped)
         "stages_seconds": round(sum(runner.seconds.values()), 1),  # every stage, as recorded when it ran
@@ -374,12 +444,17 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"(FluidR3_GM renders, {int(VAL_FRACTION * 100)}% of the songs held out for thresholds), tested on "
         f"{sizes['test_files']} polyphonic excerpts rendered with a different SoundFont "
         f"({Path(result['test_soundfont']).name}) and seed.", "",
-        "| backbone | probe macro F1 | fine-tune macro F1 | fine-tune micro F1 | LRAP | pretraining clips/s |",
-        "|---|---|---|---|---|---|",
+        "The same-font columns score the same fine-tuned models on the same test pieces rendered with the training "
+        "SoundFont: the gap between the two is what the unseen timbres cost. The last two rows are yardsticks "
+        "without a ViT (see `baselines` in bench/quality.py).", "",
+        "| backbone | probe macro F1 | fine-tune macro F1 | fine-tune micro F1 | LRAP | same-font macro F1 "
+        "| same-font LRAP | pretraining clips/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in result["rows"].items():
-        lines.append(f"| {name} | {number(row['probe_macro_f1'])} | {number(row['macro_f1'])} | "
-                     f"{number(row['micro_f1'])} | {number(row['lrap'])} | {number(row['pretrain_clips_per_s'], 1)} |")
+    for name, row in [*result["rows"].items(), *((f"*{name}*", row) for name, row in result["baselines"].items())]:
+        lines.append(f"| {name} | {number(row.get('probe_macro_f1'))} | "
+                     + " | ".join(number(row.get(key)) for key in ROW_SCORES)
+                     + f" | {number(row.get('pretrain_clips_per_s'), 1)} |")
     curve = result["label_efficiency"]
     lines += ["", f"![label efficiency]({png.name})", "",
               "| labelled clips per class | " + " | ".join(map(str, curve["labelled_per_class"])) + " |",
