@@ -347,16 +347,23 @@ def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: ra
     """`views` random crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
 
     Only the cropped frames are decoded: FLAC is seekable, so a 3 s crop of a long song costs 3 s of decoding.
+    Shards already mono at `sample_rate` (what pack writes by default) are decoded straight into the output.
     """
     length = round(seconds * sample_rate)
     out = np.zeros((views, length), dtype=np.float32)
     with soundfile.SoundFile(io.BytesIO(flac)) as audio:
         rate, frames = audio.samplerate, audio.frames
+        direct = rate == sample_rate and audio.channels == 1
         need = math.ceil(seconds * rate)
         for view in range(views):
             start = rng.randint(0, frames - need) if frames > need else 0
             if start != audio.tell():  # a FLAC seek restarts the decoder; a whole clip needs none
                 audio.seek(start)
+            if direct:
+                read = min(length, frames)
+                offset = rng.randint(0, length - read) if frames < need else 0
+                audio.read(read, dtype="float32", always_2d=True, out=out[view, offset : offset + read, None])
+                continue
             clip = _mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
             clip = clip.numpy()[:length]
             offset = rng.randint(0, length - len(clip)) if frames < need else 0
