@@ -141,10 +141,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, dropout: float) -> Tensor:
 
     torch 2.11's CPU flash-attention kernel is 1.4-2.3x slower in bf16 than in fp32 over forward+backward at the
     backbone's shapes (measured on an AVX512-BF16 EPYC), while the projections around it run ~1.8x faster in bf16;
-    attention is a small share of the FLOPs, so fp32 there costs little time and no accuracy.
+    attention is a small share of the FLOPs, so fp32 there costs little time and no accuracy. Autocast is turned off
+    around it: it would cast the fp32 inputs straight back to bf16.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout).to(q.dtype)
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
 
 

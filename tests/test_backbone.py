@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from einops import rearrange
+from torch.nn import functional as F
 
-from pretrain.backbone import Backbone, BackboneConfig, patchify, unpatchify
+from pretrain.backbone import Backbone, BackboneConfig, attend, patchify, unpatchify
 
 
 def small(**overrides) -> BackboneConfig:
@@ -89,6 +90,14 @@ def test_positions_start_as_2d_sincos(model: Backbone) -> None:
     assert torch.equal(fresh[0, 0], torch.cat([torch.zeros(48), torch.ones(48)] * 2))
     torch.testing.assert_close(fresh[0, 1, half: half + 1], torch.sin(torch.ones(1)))
     assert model.grid_position.requires_grad  # learned from the sin-cos start, as in AST
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 146, 64).to(torch.bfloat16)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(attend(q, k, v, dropout=0.0), expected)
 
 
 def test_trains_in_bf16_autocast_with_dropout() -> None:
