@@ -4,12 +4,14 @@
 
 Without MODEL_DIR a tiny Fluffy classifier (random weights, 3 s clips) stands in; speed does not depend on the weights.
 Prints one JSON object: seconds, real-time factor (processing seconds per audio second) and x-real-time for both
-paths, the speed-up (target >= 3) and the largest probability difference between them.
+paths, the speed-up (target >= 3) and the largest probability difference between them; then the batched path again
+with `--precision bf16` (autocast), against both fp32 paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -65,6 +67,12 @@ def main() -> None:
                            for window in windows])
     loop = time.perf_counter() - start
 
+    bf16 = dataclasses.replace(model, precision="bf16")
+    list(infer(bf16, [(0, warm)], batch_size=args.batch_size))
+    start = time.perf_counter()
+    [(_, result_bf16)] = list(infer(bf16, [(0, audio)], batch_size=args.batch_size))
+    batched_bf16 = time.perf_counter() - start
+
     print(json.dumps({
         "bench": "inference", "model": model.path, "audio_seconds": seconds, "windows": len(windows),
         "clip_seconds": model.info.clip_seconds, "hop_seconds": model.info.hop_seconds, "batch_size": args.batch_size,
@@ -74,6 +82,9 @@ def main() -> None:
                  "x_real_time": round(seconds / loop, 1)},
         "speedup": round(loop / batched, 2), "target_speedup": 3.0, "target_met": loop / batched >= 3.0,
         "max_abs_difference": float(np.abs(one_by_one - result.probabilities).max()),
+        "batched_bf16": {"seconds": round(batched_bf16, 3), "x_real_time": round(seconds / batched_bf16, 1),
+                         "vs_batched_fp32": round(batched / batched_bf16, 2), "vs_loop_fp32": round(loop / batched_bf16, 2),
+                         "max_abs_difference_vs_fp32": float(np.abs(result_bf16.probabilities - result.probabilities).max())},
         "device": str(model.device), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
     }))

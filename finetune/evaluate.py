@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from finetune.metrics import multilabel_metrics
-from finetune.model import AGGREGATES, FinetunedModel, FileResult, infer, load_model, read_audio
+from finetune.model import AGGREGATES, PRECISIONS, FinetunedModel, FileResult, infer, load_model, read_audio
 from shards.audio import BadAudio
 from shards.errors import UserError
 from shards.loader import eval_samples
@@ -97,7 +97,7 @@ def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | No
         **file_metrics,
         "model": model.path, "data": str(data), "aggregate": aggregate,
         "hop_seconds": hop_seconds or model.info.hop_seconds, "clip_seconds": model.info.clip_seconds,
-        "files": len(results), "windows": int(len(chunk_targets)), "skipped": skipped,
+        "precision": model.precision, "files": len(results), "windows": int(len(chunk_targets)), "skipped": skipped,
         "chunk": chunk_metrics, "plots": plots,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -248,8 +248,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
     parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     out = Path(args.out) if args.out else Path(args.model).parent / "report"
     report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
                       batch_size=args.batch_size)

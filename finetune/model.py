@@ -42,6 +42,7 @@ from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
 AGGREGATES = ("mean", "max")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # inference autocast dtypes
 
 
 class Classifier(nn.Module):
@@ -117,6 +118,7 @@ class FinetunedModel:
     classifier: Classifier
     info: ModelInfo
     path: str = ""  # the folder it was loaded from
+    precision: str = "fp32"  # backbone and head under autocast at inference; log-mel features stay fp32
 
     @property
     def window(self) -> int:
@@ -180,9 +182,17 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value.detach().cpu().contiguous() for name, value in state.items()}
 
 
-def load_model(path: str | Path, *, device: str | torch.device | None = None) -> FinetunedModel:
-    """Load a model folder written by `save_model`, in eval mode on `device` (default: CUDA when available)."""
+def load_model(path: str | Path, *, device: str | torch.device | None = None, precision: str = "fp32") -> FinetunedModel:
+    """Load a model folder written by `save_model`, in eval mode on `device` (default: CUDA when available).
+
+    `precision` bf16 (CPUs with AVX512-BF16, recent GPUs) or fp16 (GPUs) runs inference under autocast.
+    """
     path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16 needs a CUDA GPU and this run is on {device.type}; use bf16 or fp32")
     meta_file = path / "finetune.json"
     if not meta_file.is_file():
         raise UserError(f"{path}: not a Timbre fine-tuned model folder (no finetune.json); pass <output_dir>/model "
@@ -195,8 +205,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
     classifier.head.load_state_dict(load_file(path / "head.safetensors"))
     if adapters is not None:
         adapters.load_state_dict(load_file(path / "adapters.safetensors"))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path))
+    return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path), precision=precision)
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
@@ -254,10 +263,12 @@ def _run(model: FinetunedModel, pending: list, batch_size: int) -> Iterator[tupl
         return
     windows = torch.cat([entry[1] for entry in pending])
     probabilities, embeddings = [], []
-    for chunk in windows.split(batch_size):
-        p, e = model.classifier.predict(chunk.to(model.device))
-        probabilities.append(p.cpu())
-        embeddings.append(e.cpu())
+    dtype = PRECISIONS[model.precision]
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+        for chunk in windows.split(batch_size):
+            p, e = model.classifier.predict(chunk.to(model.device))
+            probabilities.append(p.cpu())
+            embeddings.append(e.cpu())
     probabilities = torch.cat(probabilities).numpy()
     embeddings = torch.cat(embeddings).numpy()
     offset = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.model import AGGREGATES, FileResult, FinetunedModel, infer, load_model, read_audio
+from finetune.model import AGGREGATES, PRECISIONS, FileResult, FinetunedModel, infer, load_model, read_audio
 from shards.audio import BadAudio
 from shards.vocab import INSTRUMENT_NAMES
 
@@ -79,8 +79,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
     parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     failed = []
     for answer in predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,
                           hop_seconds=args.hop_seconds, batch_size=args.batch_size):

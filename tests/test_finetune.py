@@ -251,6 +251,24 @@ def test_predict_survives_a_corrupt_file(trained, tmp_path, capsys):
     assert answers[0]["timeline"][-1] == {**answers[0]["timeline"][-1], "start": 6.3, "end": 7.3}
 
 
+def test_bf16_inference_stays_close_to_fp32(trained, data, tmp_path):
+    from finetune.evaluate import evaluate
+
+    reports = {precision: evaluate(load_model(trained, device="cpu", precision=precision), str(data["val"]),
+                                   out=tmp_path / precision) for precision in ("fp32", "bf16")}
+    assert reports["bf16"]["precision"] == "bf16" and reports["bf16"]["files"] == reports["fp32"]["files"]
+    lines = {precision: [json.loads(line) for line in (tmp_path / precision / "predictions.jsonl").read_text()
+                         .splitlines()] for precision in reports}
+    fp32, bf16 = ([[answer["probabilities"][code] for code in INSTRUMENTS] for answer in lines[p]]
+                  for p in ("fp32", "bf16"))
+    difference = np.abs(np.array(fp32) - np.array(bf16))
+    assert 0 < difference.max() < 0.05  # autocast did run, and bf16 rounding moves the answers by little
+    failed = subprocess.run([sys.executable, "-m", "finetune", "predict", str(trained), "x.wav", "--precision", "fp16"],
+                            cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].endswith("needs a CUDA GPU and this run is on cpu; use bf16 or fp32")
+
+
 def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
     from finetune.evaluate import embed_main, evaluate
 
