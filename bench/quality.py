@@ -225,7 +225,7 @@ def baselines(train: Path, val: Path, tests: dict[str, Path], *, clip_seconds: f
         always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(INSTRUMENTS)), list(INSTRUMENTS))
         scores = multilabel_metrics(probabilities(test_x), test_y, thresholds, list(INSTRUMENTS))
         draws = np.random.default_rng(0).random((100, *test_y.shape))
-        chance = float(np.mean([label_ranking_average_precision_score(test_y, scores) for scores in draws]))
+        chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
         every |= {prefix + "macro_f1": always["macro_f1"], prefix + "micro_f1": always["micro_f1"],
                   prefix + "lrap": chance}
         regressed |= {prefix + key: scores[key] for key in HEADLINE}
