@@ -33,6 +33,7 @@ from transformers import ASTModel  # noqa: E402
 
 from pretrain.backbone import Backbone, BackboneConfig  # noqa: E402
 from pretrain.hub import save_pretrained  # noqa: E402
+from pretrain.trainer import keep_freed_memory  # noqa: E402
 
 CLIP_FRAMES = 298  # 3 s at 16 kHz
 
@@ -79,6 +80,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    keep_freed_memory()  # as the trainer does on a CPU
     torch.manual_seed(0)
     ours = Backbone(BackboneConfig.from_size(args.size, max_frames=CLIP_FRAMES)).train()
     with tempfile.TemporaryDirectory() as folder:  # the same weights, through the exported Hub folder

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pretrain.backbone import BackboneConfig, patchify, unpatchify  # noqa: E402
 from pretrain.frontend import FrontendConfig  # noqa: E402
 from pretrain.objectives import MAEConfig, ObjectivesConfig, Pretrainer, mask_patches, masked_patch_loss, normalise_patches  # noqa: E402,E501
+from pretrain.trainer import keep_freed_memory  # noqa: E402
 
 PATCH = 16
 SQUARE = (256, 256)  # frames, mels: an input both models accept
@@ -80,7 +81,7 @@ def vitmae(size: str, mae: MAEConfig, frames: int, mels: int) -> nn.Module:
 
 
 def step_fn(model: nn.Module, loss: Callable[[], torch.Tensor], dtype: torch.dtype | None) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
@@ -136,6 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does on a CPU
     torch.manual_seed(0)
     mae = MAEConfig(mask_ratio=0.8, masking="random", decoder_hidden_size=128, decoder_layers=2, decoder_heads=4,
                     decoder_intermediate_size=512)

@@ -48,10 +48,13 @@ Conventions the callers rely on:
   `<output_dir>/tensorboard`; logged every `log_every` steps: "loss", each `loss_fn` log name, "grad_norm", "lr",
   "clips_per_s" (all processes, excluding checkpoint and image time); images are also written as PNG to
   `<output_dir>/images/`.
+- On a CPU the loop calls `keep_freed_memory()`, a process-wide glibc setting that stops each step from page-faulting
+  its activations back in.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -152,6 +155,22 @@ class BatchStream:
             self.epoch, self.consumed, self.iterator = self.epoch + 1, 0, None
 
 
+def keep_freed_memory() -> None:
+    """Keep freed blocks of up to 32 MiB in the process instead of handing them back to the kernel (glibc only).
+
+    By default glibc returns large freed blocks, so every CPU step faults its activation buffers back in: 16-20k
+    page faults and 20-40 ms of kernel CPU time per MAE step at batch 16 on the 256x256 input (2 cores), none with
+    this. The same buffers are reused, so peak memory does not change. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: bigger blocks are still mapped and unmapped
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def train(
     *,
     model: nn.Module,
@@ -181,6 +200,8 @@ def train(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / tracking)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise UserError(
@@ -196,7 +217,10 @@ def train(
             shutil.rmtree(stale, ignore_errors=True)
 
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    # fused: one kernel per parameter; the default per-tensor loop costs ~13 ms a step for the tiny MAE's 183 tensors on
+    # a CPU, ~4 ms fused, which is 5-9% of a step.
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
+                                  fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps)
     )
