@@ -8,7 +8,8 @@ only accepts square images) and on the recipes' 3 s input (288 frames x 128 mels
   patch, masked ones included, with a per-token reconstruction head);
 - achieved model FLOP/s (FLOPs counted by torch's FlopCounterMode) as a fraction of a large matmul's FLOP/s;
 - fp32 and bf16 autocast.
-Timings are the best of several rounds, with the contenders interleaved, because the cores may be shared.
+Timings are the best of several rounds, with every contender in both precisions taking turns, because the
+cores may be shared.
 
     python bench/pretrain.py [--batch 16] [--steps 4] [--rounds 3] [--size tiny] [--threads N]
 Targets: >= 1.0x ViTMAE in fp32; MAE >= 3x the full-token step; bf16 >= 1.5x fp32.
@@ -154,26 +155,33 @@ def main() -> None:
         "decoder": f"{mae.decoder_hidden_size} wide, {mae.decoder_layers} layers",
         "note": "best of interleaved rounds on 2 cores shared with other jobs; compare the ratios",
     }
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        steps = {
+    precisions = (("fp32", None), ("bf16", torch.bfloat16))
+    steps = {}
+    for label, dtype in precisions:
+        steps[label] = {
             "timbre_mae": step_fn(ours, lambda: ours.mae(square)["loss"], dtype),
             "vitmae": step_fn(theirs, lambda: theirs(pixel_values=pixels).loss, dtype),
             "full_token": step_fn(full, lambda: full.loss(square), dtype),
             "timbre_mae_3s": step_fn(ours_recipe, lambda: ours_recipe.mae(recipe)["loss"], dtype),
             "full_token_3s": step_fn(full_recipe, lambda: full_recipe.loss(recipe), dtype),
         }
-        seconds = best_seconds(steps, count=args.steps, rounds=args.rounds)
-        flops = step_flops(steps["timbre_mae"])
+    # Both precisions take turns in the same rounds: the bf16/fp32 ratio then compares like with like even when
+    # the machine's speed drifts during the run.
+    seconds = best_seconds({f"{label}/{name}": step for label in steps for name, step in steps[label].items()},
+                           count=args.steps, rounds=args.rounds)
+    for label, dtype in precisions:
+        timed = {name: seconds[f"{label}/{name}"] for name in steps[label]}
+        flops = step_flops(steps[label]["timbre_mae"])
         peak = matmul_flops_per_s(dtype or torch.float32)
         result[label] = {
-            **{f"{name}_clips_per_s": round(args.batch / s, 2) for name, s in seconds.items()},
-            "mae_vs_vitmae": round(seconds["vitmae"] / seconds["timbre_mae"], 3),
-            "mae_vs_full_token": round(seconds["full_token"] / seconds["timbre_mae"], 3),
-            "mae_vs_full_token_3s": round(seconds["full_token_3s"] / seconds["timbre_mae_3s"], 3),
+            **{f"{name}_clips_per_s": round(args.batch / s, 2) for name, s in timed.items()},
+            "mae_vs_vitmae": round(timed["vitmae"] / timed["timbre_mae"], 3),
+            "mae_vs_full_token": round(timed["full_token"] / timed["timbre_mae"], 3),
+            "mae_vs_full_token_3s": round(timed["full_token_3s"] / timed["timbre_mae_3s"], 3),
             "mae_step_gflop": round(flops / 1e9, 3),
-            "mae_gflop_per_s": round(flops / seconds["timbre_mae"] / 1e9, 2),
+            "mae_gflop_per_s": round(flops / timed["timbre_mae"] / 1e9, 2),
             "matmul_gflop_per_s": round(peak / 1e9, 2),
-            "mae_fraction_of_matmul": round(flops / seconds["timbre_mae"] / peak, 3),
+            "mae_fraction_of_matmul": round(flops / timed["timbre_mae"] / peak, 3),
         }
     result["bf16_vs_fp32"] = round(result["bf16"]["timbre_mae_clips_per_s"] / result["fp32"]["timbre_mae_clips_per_s"], 3)
     result["bf16_vs_fp32_3s"] = round(
