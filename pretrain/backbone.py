@@ -131,7 +131,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        # Split along the projection's own (three) axis: backward then stacks the three gradients straight into
+        # the (b, n, three*h*d) layout the projection needs, one copy instead of a stack and a permuted copy.
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.num_heads)
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in qkv.unbind(dim=2))
         x = attend(q, k, v, dropout=self.dropout if self.training else 0.0)
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
