@@ -7,6 +7,7 @@ misspelt key is an error that names the key and the file instead of being silent
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,13 +20,30 @@ from shards.errors import UserError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true and false. YAML 1.1 also reads no/off/yes/on as booleans, which turned
+    `train.precision=no` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_recipe(path: str | Path, overrides: list[str], schema: type[T]) -> T:
     """Read `path`, apply `overrides` (`a.b=value`, value parsed as YAML) and build `schema`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe not found; pass a YAML file such as recipes/pretrain/mae-tiny-synth.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse(path.read_text()) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -42,7 +60,7 @@ def apply_override(raw: dict, override: str, *, source: Path | str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise UserError(f"{source}: override {override!r} is not of the form key=value (e.g. train.steps=100)")
-    value = yaml.safe_load(text) if text else None
+    value = _parse(text) if text else None
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:

@@ -12,6 +12,8 @@ class Train:
     steps: int = 10
     lr: float = 1e-3
     precision: Literal["no", "bf16", "fp16"] = "no"
+    tracker: str = "none"
+    compile: bool = False
 
 
 @dataclass
@@ -35,12 +37,20 @@ def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
     assert recipe.resume == "auto"
 
 
+def test_no_and_off_stay_words_while_true_and_false_are_booleans(tmp_path):
+    path = write(tmp_path, "train:\n  precision: no\n  compile: true\n")
+    recipe = load_recipe(path, ["train.tracker=off"], Recipe)
+    assert (recipe.train.precision, recipe.train.tracker, recipe.train.compile) == ("no", "off", True)
+    assert load_recipe(path, ["train.precision=bf16", "train.compile=False"], Recipe).train.compile is False
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
         ("train:\n  stepz: 5\n", [], "unknown key 'train.stepz'"),
         ("", ["train.steps=many"], "'train.steps' must be int"),
         ("", ["train.precision=fp8"], "must be one of no, bf16, fp16"),
+        ("", ["train.compile=yes"], "'train.compile' must be bool; got 'yes'"),
         ("train: 3\n", [], "'train' is a section"),
         ("train: [\n", [], "is not valid YAML"),
         ("", ["steps"], "not of the form key=value"),
