@@ -9,7 +9,7 @@ is the best of `--repeats`.
 Clips per second of wall-clock time and of process CPU time are both given: on a machine shared
 with other jobs the CPU-time figures are the stable ones (waiting for a core costs no CPU time).
 
-    python bench/backbone.py [--size tiny|small|base] [--batch 8] [--repeats 6] [--steps 3] [--threads N]
+    python bench/backbone.py [--size tiny|small|base] [--batch 8] [--repeats 10] [--steps 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=6, help="even, so each model goes first equally often")
+    parser.add_argument("--repeats", type=int, default=10, help="even, so each model goes first equally often")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ only accepts square images) and on the recipes' 3 s input (288 frames x 128 mels
 Timings are the best of several rounds, with every contender in both precisions taking turns, because the
 cores may be shared.
 
-    python bench/pretrain.py [--batch 16] [--steps 4] [--rounds 3] [--size tiny] [--threads N]
+    python bench/pretrain.py [--batch 16] [--steps 4] [--rounds 5] [--size tiny] [--threads N]
 Targets: >= 1.0x ViTMAE in fp32; MAE >= 3x the full-token step; bf16 >= 1.5x fp32.
 """
 
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier when other jobs share the cores")
