@@ -19,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from finetune.metrics import multilabel_metrics
-from finetune.model import AGGREGATES, PRECISIONS, FinetunedModel, FileResult, infer, load_model, read_audio
+from finetune.model import (AGGREGATES, FinetunedModel, FileResult, add_inference_options, infer, load_model,
+                            read_audio)
 from shards.audio import BadAudio
 from shards.errors import UserError
 from shards.loader import eval_samples
@@ -245,11 +246,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("data", help="IRMAS test folder or test shard directory/URLs")
     parser.add_argument("--out", default=None, help="report folder (default: <model>/../report)")
-    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
-    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
+    add_inference_options(parser)
     args = parser.parse_args(argv)
     model = load_model(args.model, precision=args.precision)
     out = Path(args.out) if args.out else Path(args.model).parent / "report"

@@ -18,6 +18,7 @@ many files together in batches, and aggregates window probabilities per file (me
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Iterable, Iterator
@@ -206,6 +207,15 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
     if adapters is not None:
         adapters.load_state_dict(load_file(path / "adapters.safetensors"))
     return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path), precision=precision)
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The windowing, batching and precision options that `evaluate` and `predict` share."""
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
+    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.model import AGGREGATES, PRECISIONS, FileResult, FinetunedModel, infer, load_model, read_audio
+from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
 from shards.vocab import INSTRUMENT_NAMES
 
@@ -76,11 +76,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...)")
     parser.add_argument("--timeline", action="store_true", help="also give every window's probabilities")
-    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
-    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
+    add_inference_options(parser)
     args = parser.parse_args(argv)
     model = load_model(args.model, precision=args.precision)
     failed = []
