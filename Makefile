@@ -6,13 +6,29 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo
 SOUNDFONT_DIR := /usr/share/sounds/sf2
 
-.PHONY: install system-deps demo test bench bench-quality bench-quality-tiny clean
+.PHONY: install lock system-deps demo test bench bench-quality bench-quality-tiny clean
 
-$(STAMP): pyproject.toml
+# Installs come from the lock file alone, so a release upstream cannot break a fresh clone.
+# pyproject.toml keeps the compatible ranges; `make lock` re-resolves them into $(LOCK).
+LOCK       := requirements.lock
+UV_VERSION := 0.13.9
+UV         := $(VENV)/bin/uv
+# torch 2.14.1 is the newest release tested with torchaudio 2.11.1 (the pair the benchmarks measure).
+TORCH_PIN  := torch==2.14.1
+
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
+	$(UV) pip install --quiet --python $(PY) -r $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
+
+# Refresh the lock after editing pyproject.toml's dependencies (tests fail while the two disagree).
+lock: | $(UV)
+	echo "$(TORCH_PIN)" | $(UV) pip compile pyproject.toml - --extra dev --universal --python-version 3.11 \
+		--index-url https://pypi.org/simple --custom-compile-command "make lock" --quiet -o $(LOCK)
 
 # FluidSynth and a General MIDI SoundFont render the synthetic data set.
 system-deps:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from shards import pack, synth, verify
 from shards.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shards import pack, synth, verify  # after run_cli's environment check
+
     parser = argparse.ArgumentParser(
         prog="python -m shards",
         description="Render, pack, verify and inspect WebDataset shards of instrument audio.",
