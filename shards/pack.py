@@ -1,7 +1,7 @@
 """`python -m shards pack SOURCE INPUT OUTDIR`: audio -> WebDataset tar shards + manifest.json.
 
 Every input ends up either packed or listed as skipped with a one-line reason
-(`packed + skipped == inputs`). Work is spread over a process pool whose results come back
+(`packed + skipped == inputs`). Each split's inputs are written in a seeded random order (see `shuffled`). Work is spread over a process pool whose results come back
 in input order, so the shards are byte-identical whatever the worker count. Inputs are fed
 to the pool one shard-sized window at a time, which bounds memory by the shard size.
 
@@ -30,6 +30,7 @@ import io
 import json
 import multiprocessing
 import os
+import random
 import re
 import sys
 import tarfile
@@ -267,9 +268,21 @@ def _save_state(outdir: Path, state: dict) -> None:
     _write_json(outdir / STATE, state, indent=None)
 
 
+def shuffled(records: list[Record], *, seed: int, split: str) -> list[Record]:
+    """The split's inputs in a seeded random order, so every shard holds a mix of classes and songs.
+
+    Sources list inputs folder by folder (IRMAS: one instrument per folder), and a reader's shuffle buffer is smaller
+    than the data set: shards written in that order fed training batches of one or two instruments at a time (the
+    tiny ViTs then ranked at chance). WebDataset expects shards shuffled at write time; readers shuffle again.
+    """
+    order = list(records)
+    random.Random(f"{seed}:pack-order:{split}").shuffle(order)
+    return order
+
+
 def fingerprint(records: Sequence[Record], skips: Sequence[Skip], options: PackOptions) -> str:
     """Hash of the options, the labels and the size/mtime of every input: what a resumed pack must match."""
-    digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({**asdict(options), "order": "shuffled"}, sort_keys=True).encode())
     for record in records:
         try:
             stat = os.stat(record.path)
@@ -373,7 +386,7 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
     in_flight = min(options.shard_size, 4 * TASK_INPUTS * workers)  # keeps every worker busy, a shard at most
     with _pool(workers) if workers > 1 else _one_thread() as pool:
         for split in splits:
-            split_records = [r for r, s in zip(records, assigned) if s == split]
+            split_records = shuffled([r for r, s in zip(records, assigned) if s == split], seed=options.seed, split=split)
             _pack_split(split_records, outdir, split, state, encode, pool, in_flight, options, progress)
 
     counts = {split: assigned.count(split) for split in splits}
@@ -563,7 +576,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segment-seconds", type=float, default=None,
                         help="cut files into segments of this length, one sample each (long unlabeled recordings)")
     parser.add_argument("--split", default=None, help="split name (default: train, or test for irmas-test)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of the order of the "
+                        "inputs in the shards (default 0)")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any input was skipped")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

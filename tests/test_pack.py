@@ -130,6 +130,17 @@ def test_manifest_counts_checksums_and_splits(packed):
     assert not list(outdir.glob("*/*.tmp"))
 
 
+def test_every_shard_mixes_instruments(packed):
+    # Inputs come folder by folder (one instrument each); written in that order, a shard would hold one or two
+    # instruments and a reader's shuffle buffer would feed batches of one or two classes.
+    manifest, outdir = packed
+    train = [shard for shard in manifest["shards"] if shard["split"] == "train"]
+    assert len(train) >= 2
+    for shard in train:
+        codes = {code for sample in read_tar(outdir / shard["path"]).values() for code in sample["json"]["instruments"]}
+        assert len(codes) >= min(5, shard["samples"] // 2), (shard["path"], codes)
+
+
 def test_stock_webdataset_reads_the_shards(packed):
     manifest, outdir = packed
     urls = sorted(str(p) for p in (outdir / "train").glob("shard-*.tar"))
