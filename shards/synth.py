@@ -822,7 +822,7 @@ def render_batch(clips: Sequence[Clip], soundfont: Path, out: Path) -> list[dict
         os.replace(temp, path)
         if clip.labels:
             path.with_suffix(".txt").write_text("".join(f"{code}{clip.label_suffix}\n" for code in clip.labels))
-        summaries.append({"path": clip.path, "seconds": clip.seconds, **clip.info})
+        summaries.append({"path": clip.path, "seconds": clip.seconds, "soundfont": soundfont.name, **clip.info})
     return summaries
 
 
@@ -856,19 +856,28 @@ def default_soundfont() -> Path:
 
 
 def check_tools(soundfont: Path) -> None:
-    """Fail early, in one line, when FluidSynth or the SoundFont is missing or not a SoundFont."""
+    """Fail early, in one line, when FluidSynth or the SoundFont is missing or not a SoundFont (.sf2 or .sf3)."""
     if shutil.which("fluidsynth") is None:
         raise UserError(f"fluidsynth: program not found on PATH; {INSTALL_HINT}")
     if not soundfont.is_file():
-        raise UserError(f"{soundfont}: SoundFont not found; pass --soundfont with a General MIDI .sf2 file "
+        raise UserError(f"{soundfont}: SoundFont not found; pass --soundfont with General MIDI .sf2/.sf3 files "
                         f"or {INSTALL_HINT}")
     try:
         with open(soundfont, "rb") as handle:
             header = handle.read(12)
     except OSError as error:
         raise UserError(f"{soundfont}: cannot read the SoundFont ({error.strerror}); check its permissions") from None
-    if header[:4] != b"RIFF" or header[8:12] != b"sfbk":
-        raise UserError(f"{soundfont}: not a SoundFont 2 file (.sf2); pass --soundfont with a General MIDI .sf2 file")
+    if header[:4] != b"RIFF" or header[8:12] != b"sfbk":  # .sf3 keeps the .sf2 container, with compressed samples
+        raise UserError(f"{soundfont}: not a SoundFont file (.sf2 or .sf3); pass --soundfont with General MIDI "
+                        "SoundFonts")
+
+
+def font_plan(clips: Sequence[Clip], fonts: Sequence[Path], seed: int) -> list[tuple[Path, list[Clip]]]:
+    """Each clip draws one of `fonts` (seeded by its path); batches of clips that share a font, in a fixed order."""
+    chosen: dict[Path, list[Clip]] = {font: [] for font in fonts}
+    for clip in clips:
+        chosen[fonts[_rng(seed, "soundfont", clip.path).randrange(len(fonts))]].append(clip)
+    return [(font, group) for font in fonts for group in batches(chosen[font])]
 
 
 def _prepare(out: Path, options: dict) -> bool:
@@ -907,9 +916,12 @@ def _counts(items: Sequence[dict], key: str) -> dict[str, int]:
 
 
 def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files: int = 24, unlabeled: int = 240,
-               seed: int = 0, soundfont: str | os.PathLike | None = None, workers: int | None = None,
+               seed: int = 0, soundfonts: Sequence[str | os.PathLike] = (), workers: int | None = None,
                progress: bool = True) -> dict:
     """Render the data set under `out` and return (and write) its synth.json summary.
+
+    Every clip is rendered with one of `soundfonts` (drawn per clip; default: `default_soundfont()`), so a set
+    rendered with several General MIDI fonts shows each instrument in several timbres.
 
     Rerunning with the same options finds the complete tree and does nothing; other options
     replace the tree an earlier run wrote there.
@@ -919,28 +931,31 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
         if value < 0:
             raise UserError(f"{name}: {value} is negative; pass a count >= 0")
     out = Path(out)
-    font = Path(soundfont) if soundfont is not None else default_soundfont()
-    check_tools(font)
+    fonts = [Path(font) for font in soundfonts] or [default_soundfont()]
+    for font in fonts:
+        check_tools(font)
+    if len({font.resolve() for font in fonts}) < len(fonts):
+        raise UserError(f"--soundfont: {' '.join(map(str, fonts))} names a SoundFont twice; pass each once")
     options = {"train_per_class": train_per_class, "test_files": test_files, "unlabeled": unlabeled, "seed": seed,
-               "soundfont": str(font.resolve()), "sample_rate": SAMPLE_RATE}
+               "soundfonts": [str(font.resolve()) for font in fonts], "sample_rate": SAMPLE_RATE}
     if _prepare(out, options):
         return json.loads((out / SUMMARY).read_text())
     plans = {"train": train_clips(seed, train_per_class), "test": test_clips(seed, test_files),
              "unlabeled": unlabeled_clips(seed, unlabeled)}
     clips = [clip for split in plans.values() for clip in split]
-    groups = batches(clips)
+    groups = font_plan(clips, fonts, seed)
     workers = max(1, min(workers or os.cpu_count() or 1, len(groups) or 1))
     started = time.perf_counter()
     summaries: list[dict] = []
     bar = tqdm(total=len(clips), desc="synth", unit="clip", disable=not progress, file=sys.stderr)
     if workers == 1:
-        for group in groups:
+        for font, group in groups:
             summaries += render_batch(group, font, out)
             bar.update(len(group))
     else:
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-            results = [pool.apply_async(render_batch, (group, font, out)) for group in groups]
-            for group, result in zip(groups, results):
+            results = [pool.apply_async(render_batch, (group, font, out)) for font, group in groups]
+            for (_, group), result in zip(groups, results):
                 summaries += result.get()
                 bar.update(len(group))
     bar.close()
@@ -957,7 +972,8 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
         "train_drums": _counts(listed["train"], "drums"),
         "test_instruments": _counts(listed["test"], "instruments"),
         "test_genres": _counts(listed["test"], "genre"),
-        "clips": {split: [{"path": i["path"], "seconds": i["seconds"]} for i in items]
+        "soundfonts": _counts(summaries, "soundfont"),
+        "clips": {split: [{"path": i["path"], "seconds": i["seconds"], "soundfont": i["soundfont"]} for i in items]
                   for split, items in listed.items()},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
@@ -983,8 +999,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-files", type=int, default=24, help="labelled test excerpts (default 24)")
     parser.add_argument("--unlabeled", type=int, default=240, help="unlabeled clips for pretraining (default 240)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--soundfont", default=None,
-                        help=f"General MIDI .sf2 (default {FLUIDR3} if present, else pretty_midi's TimGM6mb.sf2)")
+    parser.add_argument("--soundfont", nargs="+", default=[], metavar="SF2",
+                        help="General MIDI .sf2/.sf3 files; each clip is rendered with one of them, drawn per clip "
+                        f"(default {FLUIDR3} if present, else pretty_midi's TimGM6mb.sf2)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="FluidSynth processes in parallel (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -993,10 +1010,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = synthesize(args.out, train_per_class=args.train_per_class, test_files=args.test_files,
-                         unlabeled=args.unlabeled, seed=args.seed, soundfont=args.soundfont, workers=args.workers,
+                         unlabeled=args.unlabeled, seed=args.seed, soundfonts=args.soundfont, workers=args.workers,
                          progress=not args.quiet)
     counts, seconds = summary["counts"], summary["seconds"]
     took = f" in {summary['render_seconds']:.1f} s" if "render_seconds" in summary else " (already rendered)"
     print(f"{args.out}: {counts['train']} training clips, {counts['test']} test files, {counts['unlabeled']} unlabeled "
-          f"clips ({sum(seconds.values()):.0f} s of audio){took}; soundfont {summary['options']['soundfont']}")
+          f"clips ({sum(seconds.values()):.0f} s of audio){took}; soundfonts "
+          f"{', '.join(Path(font).name for font in summary['options']['soundfonts'])}")
     return 0

@@ -188,3 +188,41 @@ def test_missing_soundfont_is_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="not a SoundFont"):
         synth.check_tools(Path(__file__))
+
+
+def test_each_clip_draws_one_of_several_soundfonts(tmp_path):
+    fonts = [synth.default_soundfont(), synth.bundled_soundfont()]
+    if fonts[0] == fonts[1]:
+        pytest.skip("needs FluidR3_GM (fluid-soundfont-gm) next to pretty_midi's TimGM6mb")
+    options = dict(train_per_class=2, test_files=0, unlabeled=0, seed=3)
+    summary = synth.synthesize(tmp_path / "two", soundfonts=fonts, workers=2, progress=False, **options)
+    assert summary["options"]["soundfonts"] == [str(font.resolve()) for font in fonts]
+    used = {item["path"]: item["soundfont"] for item in summary["clips"]["train"]}
+    assert set(used.values()) == {font.name for font in fonts}
+    assert summary["soundfonts"] == {name: list(used.values()).count(name) for name in set(used.values())}
+    # A clip drawn for a font sounds like that clip rendered with that font alone, not like it rendered with the other
+    # (FluidSynth renders a batch as one stream, so the samples differ slightly with the batch's other clips).
+    def spectrum(path: Path) -> np.ndarray:
+        audio = sf.read(path, always_2d=True)[0].mean(axis=1)
+        frames = audio[: len(audio) // 2048 * 2048].reshape(-1, 2048)
+        return np.log(np.abs(np.fft.rfft(frames * np.hanning(2048))).mean(axis=0) + 1e-6)
+
+    alone = {font.name: synth.synthesize(tmp_path / font.stem, soundfonts=[font], workers=2, progress=False, **options)
+             for font in fonts}
+    for path, name in used.items():
+        assert {item["soundfont"] for item in alone[name]["clips"]["train"]} == {name}
+        distance = {other: np.abs(spectrum(tmp_path / "two" / path) - spectrum(tmp_path / Path(other).stem / path)).mean()
+                    for other in alone}
+        assert min(distance, key=distance.get) == name, (path, distance)
+    with pytest.raises(UserError, match="names a SoundFont twice"):
+        synth.synthesize(tmp_path / "dup", soundfonts=[fonts[1], fonts[1]], progress=False, **options)
+
+
+def test_sf3_soundfonts_render(tmp_path):
+    sf3 = Path("/usr/share/sounds/sf3/FluidR3Mono_GM.sf3")
+    if not sf3.is_file():
+        pytest.skip("needs fluidr3mono-gm-soundfont")
+    summary = synth.synthesize(tmp_path / "sf3", soundfonts=[sf3], train_per_class=1, test_files=0, unlabeled=0,
+                               workers=2, progress=False)
+    audio, _ = sf.read(tmp_path / "sf3" / summary["clips"]["train"][0]["path"])
+    assert np.abs(audio).max() > 0.01
