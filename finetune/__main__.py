@@ -11,6 +11,7 @@ USAGE = """usage:
   python -m finetune evaluate MODEL DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]
   python -m finetune predict MODEL FILE... [--timeline] [--hop-seconds S]
   python -m finetune embed MODEL DATA --out FILE.png [--method tsne|pca]
+  python -m finetune yardsticks TRAIN_SHARDS VAL_SHARDS TEST_DATA [--out FILE.json]
 
 MODEL is <output_dir>/model of a fine-tuning run; DATA is an IRMAS test folder or test shards."""
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int | None:
         from finetune.evaluate import embed_main
 
         return embed_main(argv[1:])
+    if argv[0] == "yardsticks":
+        from finetune.yardsticks import main as yardsticks_main
+
+        return yardsticks_main(argv[1:])
     if argv[0] == "predict":
         from finetune.predict import main as predict_main
 

@@ -29,10 +29,12 @@ from pretrain.hub import load_backbone
 from pretrain.recipe import load_recipe, to_dict
 from pretrain.trainer import TrainConfig, train
 from shards.errors import UserError
-from shards.loader import eval_samples, train_batches
+from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
 HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "hamming_score", "exact_match")
+BEST_METRICS = ("map", "lrap", "macro_f1", "micro_f1")
+LOGGED = ("lrap", "map", "macro_f1", "micro_f1")  # validation metrics logged and printed at every checkpoint
 
 
 @dataclass
@@ -58,11 +60,19 @@ class AugmentConfig:
     gain_db: float = 6.0  # each training clip is scaled by a random gain in [-gain_db, +gain_db] dB
 
 
+THRESHOLD_SOURCES = ("mixtures", "clips")
+
+
 @dataclass
 class EvalConfig:
     hop_seconds: float = 1.5  # window hop when files are longer than a clip
     aggregate: Literal["mean", "max"] = "mean"
     batch_size: int = 32
+    # Per-instrument thresholds are tuned on validation mixtures of 1-4 clips built like test files (`mixtures`),
+    # or on the single-instrument validation clips (`clips`), whose thresholds sit too high for polyphonic files.
+    thresholds: Literal["mixtures", "clips"] = "mixtures"
+    mixtures: int = 0  # validation mixtures to build; 0: as many as there are validation clips
+    best: str = "map"  # validation metric (of the threshold set) that picks the exported checkpoint; higher is better
 
 
 @dataclass
@@ -113,21 +123,38 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
         raise UserError(f"{source}: head: {error}") from None
 
 
-def validate(classifier: Classifier, info: ModelInfo, spec, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """File-level probabilities and targets on validation shards (all of them, on this process)."""
+def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:
+    """(targets, audio) of the validation clips and of mixtures built from them; read once per run."""
+    samples = list(eval_samples(recipe.data.val, rank=0, world_size=1, sample_rate=recipe.data.sample_rate))
+    if not samples:
+        raise UserError(f"{recipe.data.val}: validation shards hold no samples; pass data.val shards written with "
+                        "--val-fraction")
+    if not any(sample["labelled"] for sample in samples):
+        raise UserError(f"{recipe.data.val}: validation shards carry no instrument labels; pass the val split of an "
+                        "irmas-train or csv pack (shards pack ... --val-fraction)")
+    count = recipe.eval.mixtures or len(samples)
+    mixed = validation_mixtures(samples, count=count, seed=recipe.train.seed)
+    return {"clips": [(sample["targets"].numpy(), sample["audio"]) for sample in samples if sample["labelled"]],
+            "mixtures": [(sample["targets"].numpy(), sample["audio"]) for sample in mixed]}
+
+
+def predict_set(classifier: Classifier, info: ModelInfo, examples, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """File-level probabilities and targets of (targets, audio) examples, in eval mode."""
     model = FinetunedModel(classifier=classifier, info=info)
     was_training = classifier.training
     classifier.eval()
-    samples = ((sample["targets"].numpy(), sample["audio"])
-               for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=info.sample_rate))
     probabilities, targets = [], []
-    for target, result in infer(model, samples, batch_size=batch_size):
+    for target, result in infer(model, examples, batch_size=batch_size):
         probabilities.append(result.aggregate(info.aggregate))
         targets.append(target)
     classifier.train(was_training)
-    if not probabilities:
-        raise UserError(f"{spec}: validation shards hold no samples; pass data.val shards written with --val-fraction")
     return np.stack(probabilities), np.stack(targets)
+
+
+def bce(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """Mean binary cross-entropy of file-level probabilities (the validation loss)."""
+    p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
 
 def model_info(recipe: FinetuneRecipe) -> ModelInfo:
@@ -137,19 +164,41 @@ def model_info(recipe: FinetuneRecipe) -> ModelInfo:
                      aggregate=recipe.eval.aggregate, thresholds=[0.5] * len(INSTRUMENTS))
 
 
-def exporter(recipe: FinetuneRecipe):
-    """The trainer's export hook: tune thresholds on validation, then write `<output_dir>/model/`."""
+def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool):
+    """The trainer's export hook: score the validation clips and mixtures, tune thresholds, and write
+    `<output_dir>/model/` when the checkpoint is the best so far by `eval.best`; returns the metrics to log."""
+    sets: dict = {}
+    previous = output_dir / "model" / "finetune.json"  # a resumed run keeps the best model it already exported
+    best = json.loads(previous.read_text()).get("validation", {}).get("best") if resumed and previous.is_file() else None
 
-    def export(classifier: nn.Module, output_dir: Path) -> None:
+    def export(classifier: nn.Module, output_dir: Path) -> dict[str, float]:
+        nonlocal best
         info = model_info(recipe)
-        if recipe.data.val:
-            probabilities, targets = validate(classifier, info, recipe.data.val, batch_size=recipe.eval.batch_size)
-            info.thresholds = tune_thresholds(probabilities, targets).tolist()
-            metrics = multilabel_metrics(probabilities, targets, np.array(info.thresholds), info.labels)
-            info.validation = {name: metrics[name] for name in HEADLINE} | {"count": metrics["count"]}
         state = json.loads((output_dir / "trainer_state.json").read_text())
+        logged: dict[str, float] = {}
+        if recipe.data.val:
+            if not sets:
+                sets.update(validation_sets(recipe))
+            scored = {name: predict_set(classifier, info, examples, batch_size=recipe.eval.batch_size)
+                      for name, examples in sets.items() if examples}
+            thresholds = tune_thresholds(*scored[recipe.eval.thresholds])
+            for name, (probabilities, targets) in scored.items():
+                metrics = multilabel_metrics(probabilities, targets, thresholds, info.labels)
+                prefix = "" if name == recipe.eval.thresholds else f"{name}_"
+                logged |= {f"{prefix}loss": bce(probabilities, targets)}
+                logged |= {f"{prefix}{key}": metrics[key] for key in LOGGED}
+            info.thresholds = thresholds.tolist()
+            score = logged[recipe.eval.best]
+            if best is not None and score <= best["value"] and state["step"] != best["step"]:
+                logged["best"] = best["value"]
+                return logged
+            best = {"metric": recipe.eval.best, "value": score, "step": state["step"]}
+            logged["best"] = score
+            info.validation = {**logged, "count": len(sets[recipe.eval.thresholds]), "step": state["step"],
+                               "thresholds_from": recipe.eval.thresholds, "best": best}
         card = {"recipe": to_dict(recipe), "steps": state["step"]}
         save_model(classifier, output_dir / "model", info, card=card)
+        return logged
 
     return export
 
@@ -161,6 +210,10 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         raise UserError(f"{source}: data.train is missing; pass data.train=SHARD_DIR (e.g. demo/shards/irmas-train/train)")
     if recipe.eval.aggregate not in AGGREGATES:
         raise UserError(f"{source}: eval.aggregate must be mean or max; got {recipe.eval.aggregate!r}")
+    if recipe.eval.thresholds not in THRESHOLD_SOURCES:
+        raise UserError(f"{source}: eval.thresholds must be mixtures or clips; got {recipe.eval.thresholds!r}")
+    if recipe.eval.best not in BEST_METRICS:
+        raise UserError(f"{source}: eval.best must be one of {', '.join(BEST_METRICS)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)  # the same head (and scratch backbone) initialisation on every run and every rank
     classifier = build_classifier(recipe, source=source)
@@ -193,7 +246,7 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     train(model=classifier, loss_fn=loss_fn, batches=batches, config=recipe.train, output_dir=output_dir,
           tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe), resume=recipe.resume,
-          param_groups=groups, export=exporter(recipe))
+          param_groups=groups, export=exporter(recipe, output_dir, resumed=bool(recipe.resume)))
     return output_dir / "model"
 
 
@@ -206,7 +259,9 @@ def main(argv: list[str]) -> int:
     if meta_file.is_file() and int(os.environ.get("RANK", "0")) == 0:
         validation = json.loads(meta_file.read_text()).get("validation") or {}
         numbers = "  ".join(f"{name} {validation[name]:.3f}" for name in HEADLINE if name in validation)
-        print(f"model: {model_dir}" + (f"\nvalidation: {numbers}" if numbers else
+        where = (f" (best {validation['best']['metric']} at step {validation['step']}, thresholds tuned on validation "
+                 f"{validation['thresholds_from']})") if numbers else ""
+        print(f"model: {model_dir}" + (f"\nvalidation: {numbers}{where}" if numbers else
                                        "\nvalidation: none (no data.val); thresholds left at 0.5"))
     return 0
 

@@ -570,3 +570,40 @@ def _eval_stream(urls: list[str], *, rank: int, world_size: int, sample_rate: in
             song=str(meta.get("song", sample["__key__"])),
             path=str(meta.get("path", "")),
         )
+
+
+MIXTURE_SIZES = {1: 0.2, 2: 0.35, 3: 0.3, 4: 0.15}  # instruments per IRMAS-like test file (shards.synth's test set)
+
+
+def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
+                        sizes: dict[int, float] = MIXTURE_SIZES) -> list[dict]:
+    """`count` polyphonic examples built like test files from single-instrument `eval_samples` outputs.
+
+    Each draws a number of instruments from `sizes` and sums one sample of each, all of different songs and
+    different labelled instruments, by the same loudness-matched rule as training mixtures (cut or zero-padded to
+    the first sample's length); `targets` is the union of their labels. Thresholds tuned on these fit files with
+    1-4 instruments, where ones tuned on single clips sit too high. Deterministic for the same samples and seed.
+    """
+    labelled = [sample for sample in samples if sample["labelled"]]
+    if not labelled:
+        return []
+    rng = random.Random(f"{seed}:validation-mixtures")
+    out = []
+    for _ in range(count):
+        size = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+        parts: list[dict] = []
+        for candidate in rng.sample(labelled, len(labelled)):
+            if len(parts) == size:
+                break
+            if all(candidate["song"] != part["song"] and not set(candidate["instruments"]) & set(part["instruments"])
+                   for part in parts):
+                parts.append(candidate)
+        length = parts[0]["audio"].shape[-1]
+        examples = [_Example(audio=np.pad(part["audio"].numpy()[:length], (0, max(0, length - part["audio"].shape[-1])))[None],
+                             instruments=frozenset(part["instruments"]), genre=part["genre"], labelled=True,
+                             key=part["key"], song=part["song"]) for part in parts]
+        mixed = _mix_examples(examples, rng) if len(examples) > 1 else examples[0]
+        instruments = sorted(mixed.instruments)
+        out.append(dict(audio=torch.from_numpy(mixed.audio[0].astype(np.float32)), instruments=instruments,
+                        targets=torch.from_numpy(vocab.multi_hot(instruments)), key=mixed.key))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import tune_thresholds
 from finetune.model import cut_windows, load_model, read_audio, save_model
-from finetune.train import FinetuneRecipe, build_classifier, model_info, validate
+from finetune.train import FinetuneRecipe, build_classifier, model_info, predict_set, validation_sets
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.embed import window_starts
 from pretrain.hub import save_pretrained
@@ -157,25 +158,53 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(data, backbone_dir, tmp_path_factory) -> Path:
-    """A linear-head LoRA model trained through the CLI with the shipped lora recipe."""
+def cli_run(data, backbone_dir, tmp_path_factory) -> tuple[Path, str]:
+    """(output_dir, stdout) of a linear-head LoRA model trained through the CLI with the shipped lora recipe."""
     output = tmp_path_factory.mktemp("run")
-    run_cli("recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
+    result = run_cli("recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
             f"data.val={data['val']}", f"output_dir={output}", "data.shuffle_buffer=32", "train.steps=12",
             "train.batch_size=8", "train.warmup_steps=2", "train.checkpoint_every=6", "adapt.warmup_head_steps=3",
-            "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5")
-    return output / "model"
+            "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5", "tracking=tensorboard")
+    return output, result.stdout + result.stderr
 
 
-def test_thresholds_come_from_validation(trained, data):
+@pytest.fixture(scope="module")
+def trained(cli_run) -> Path:
+    return cli_run[0] / "model"
+
+
+def test_validation_curve_is_printed_and_the_best_checkpoint_is_exported(cli_run):
+    output, stdout = cli_run
+    curve = {int(step): dict(zip(values.split()[::2], map(float, values.split()[1::2])))
+             for step, values in re.findall(r"step (\d+) validation: (.*)", stdout)}
+    assert sorted(curve) == [6, 12]  # every checkpoint_every steps and at the end
+    for values in curve.values():
+        assert {"loss", "lrap", "map", "macro_f1", "clips_lrap", "clips_map", "best"} <= set(values)
+    best_step = max(curve, key=lambda step: (curve[step]["map"], -step))  # the first of equal scores is kept
+    meta = json.loads((output / "model" / "finetune.json").read_text())
+    assert meta["validation"]["step"] == best_step
+    assert meta["validation"]["map"] == pytest.approx(curve[best_step]["map"], abs=1e-3)
+    assert meta["validation"]["best"] == {"metric": "map", "value": meta["validation"]["map"], "step": best_step}
+    events = list((output / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and b"val/map" in b"".join(path.read_bytes() for path in events)
+
+
+def test_thresholds_come_from_validation_mixtures(trained, data):
     model = load_model(trained, device="cpu")
     saved = json.loads((trained / "thresholds.json").read_text())
     assert list(saved) == list(INSTRUMENTS)
     meta = json.loads((trained / "finetune.json").read_text())
-    assert meta["validation"]["count"] == 2 * len(INSTRUMENTS)  # the validation shard, nothing else
-    probabilities, targets = validate(model.classifier, model.info, str(data["val"]), batch_size=16)
+    recipe = FinetuneRecipe()
+    recipe.data.val = str(data["val"])
+    sets = validation_sets(recipe)
+    assert len(sets["clips"]) == len(sets["mixtures"]) == meta["validation"]["count"] == 2 * len(INSTRUMENTS)
+    sizes = [int(target.sum()) for target, _ in sets["mixtures"]]
+    assert set(sizes) <= {1, 2, 3, 4} and max(sizes) >= 3 and np.mean(sizes) > 1.8  # polyphonic, like test files
+    probabilities, targets = predict_set(model.classifier, model.info, sets["mixtures"], batch_size=16)
     np.testing.assert_allclose(list(saved.values()), tune_thresholds(probabilities, targets), atol=1e-4)
     assert not np.allclose(list(saved.values()), 0.5)
+    clip_probabilities, clip_targets = predict_set(model.classifier, model.info, sets["clips"], batch_size=16)
+    assert not np.allclose(tune_thresholds(clip_probabilities, clip_targets), list(saved.values()))
 
 
 def test_transformers_pipeline_matches_timbre(trained):
@@ -275,8 +304,9 @@ def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
     model = load_model(trained, device="cpu")
     report = evaluate(model, str(data["val"]), out=tmp_path / "report")
     assert report["files"] == report["windows"] / 5 == 2 * len(INSTRUMENTS)  # 3 s clips, 1 s windows every 0.5 s
+    # the single validation clips, scored with the thresholds tuned on the validation mixtures
     assert report["macro_f1"] == pytest.approx(json.loads((trained / "finetune.json").read_text())
-                                               ["validation"]["macro_f1"], abs=1e-6)
+                                               ["validation"]["clips_macro_f1"], abs=1e-6)
     assert embed_main([str(trained), str(data["val"]), "--out", str(tmp_path / "map.png"), "--method", "pca"]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
 
@@ -299,3 +329,19 @@ def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, t
     assert state["step"] == 4 and state["finished"]
     model = load_model(tmp_path / "run" / "model", device="cpu")
     assert model.classifier.adapters is not None and not (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp_path):
+    from finetune.evaluate import evaluate
+    from finetune.yardsticks import NO_INFORMATION, REGRESSION, yardsticks
+
+    scores = yardsticks(data["train"], data["val"], data["val"], clip_seconds=CLIP)
+    assert scores[NO_INFORMATION]["macro_f1"] == pytest.approx(1 / 6)  # predicting all 11: precision 1/11, recall 1
+    assert 0.2 < scores[NO_INFORMATION]["lrap"] < 0.4
+    assert scores[REGRESSION]["lrap"] > scores[NO_INFORMATION]["lrap"] + 0.3  # the tones are easy for log-mel statistics
+    evaluate(load_model(trained, device="cpu"), str(data["val"]), out=tmp_path / "report")
+    result = run_cli("yardsticks", str(data["train"]), str(data["val"]), str(data["val"]), "--clip-seconds", str(CLIP),
+                     "--report", str(tmp_path / "report" / "report.json"), "--out", str(tmp_path / "y.json"))
+    lines = result.stdout.strip().splitlines()
+    assert lines[1].startswith("model (") and lines[2].startswith(NO_INFORMATION) and lines[3].startswith(REGRESSION)
+    assert json.loads((tmp_path / "y.json").read_text())[REGRESSION]["lrap"] == pytest.approx(scores[REGRESSION]["lrap"])

@@ -1,0 +1,119 @@
+"""Yardsticks without a ViT, scored like the fine-tuned models: is a model's test score evidence that it learned?
+
+- *no information*: what a model that knows nothing reaches. Its F1 scores predict all 11 instruments on every file
+  (what thresholds alone can buy); its LRAP is the mean over 100 seeded draws of random scores.
+- *log-mel statistics + logistic regression*: one logistic regression per instrument on the mean and standard
+  deviation of each mel bin over a window (the backbones' own frontend), windows averaged per file, thresholds tuned
+  on the same validation mixtures as the models' (`shards.loader.validation_mixtures`).
+
+    python -m finetune yardsticks TRAIN_SHARDS VAL_SHARDS TEST_SHARDS [--report REPORT.json] [--out yardsticks.json]
+
+With `--report` (the report.json of `python -m finetune evaluate` on the same test data) the model's scores are
+printed first, in the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.model import cut_windows
+from pretrain.frontend import LogMel
+from shards.errors import UserError
+from shards.loader import eval_samples, validation_mixtures
+from shards.vocab import INSTRUMENTS
+
+HEADLINE = ("macro_f1", "micro_f1", "lrap", "map")
+NO_INFORMATION = "no information"
+REGRESSION = "log-mel statistics + logistic regression"
+
+
+@torch.inference_mode()
+def _features(examples, frontend: LogMel, window: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per file: (windows, 2 * mels) mean and std of the log-mel features of each half-overlapping window."""
+    features, targets = [], []
+    for target, audio in examples:
+        log_mel = frontend(cut_windows(audio, window, window // 2)[0])  # (windows, frames, mels)
+        features.append(torch.cat([log_mel.mean(dim=1), log_mel.std(dim=1)], dim=1).numpy())
+        targets.append(target)
+    if not features:
+        raise UserError("yardsticks: no labelled samples to score; pass IRMAS-layout shards with labels")
+    return features, np.stack(targets)
+
+
+def _samples(spec: str | Path, sample_rate: int) -> list[dict]:
+    return [s for s in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate) if s["labelled"]]
+
+
+def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_seconds: float = 3.0,
+               seed: int = 0) -> dict[str, dict[str, float]]:
+    """{yardstick: {metric: value}} on the test data, for the two yardsticks of the module docstring."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import label_ranking_average_precision_score
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frontend = LogMel()
+    rate = frontend.config.sample_rate
+    window = round(clip_seconds * rate)
+    train_x, train_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(train, rate)), frontend, window)
+    val_samples = _samples(val, rate)
+    mixed = validation_mixtures(val_samples, count=len(val_samples), seed=seed)
+    val_x, val_y = _features(((s["targets"].numpy(), s["audio"]) for s in mixed), frontend, window)
+    test_x, test_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(test, rate)), frontend, window)
+
+    per_window_y = np.concatenate([np.repeat(y[None], len(x), axis=0) for x, y in zip(train_x, train_y)])
+    regression = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=2000)))
+    regression.fit(np.concatenate(train_x), per_window_y)
+
+    def probabilities(features: list[np.ndarray]) -> np.ndarray:
+        return np.stack([regression.predict_proba(x).mean(axis=0) for x in features])
+
+    labels = list(INSTRUMENTS)
+    thresholds = tune_thresholds(probabilities(val_x), val_y)
+    regressed = multilabel_metrics(probabilities(test_x), test_y, thresholds, labels)
+    always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(labels)), labels)
+    draws = np.random.default_rng(seed).random((100, *test_y.shape))
+    chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
+    chance_map = multilabel_metrics(draws[0], test_y, np.zeros(len(labels)), labels)["map"]
+    return {NO_INFORMATION: {"macro_f1": always["macro_f1"], "micro_f1": always["micro_f1"], "lrap": chance,
+                             "map": chance_map},
+            REGRESSION: {key: regressed[key] for key in HEADLINE}}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune yardsticks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("train", help="labelled training shards (e.g. demo/shards/irmas-train/train)")
+    parser.add_argument("val", help="validation shards, for the thresholds (e.g. demo/shards/irmas-train/val)")
+    parser.add_argument("test", help="test shards (e.g. demo/shards/irmas-test/test)")
+    parser.add_argument("--clip-seconds", type=float, default=3.0, help="window length (default 3.0)")
+    parser.add_argument("--report", default=None, help="report.json of `finetune evaluate` on TEST, shown first")
+    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    rows = {}
+    if args.report:
+        try:
+            report = json.loads(Path(args.report).read_text())
+            rows["model (" + str(report.get("model", args.report)) + ")"] = {key: report[key] for key in HEADLINE}
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"--report {args.report}: not a report.json of `python -m finetune evaluate` ({error}); "
+                            "pass <out>/report.json of an evaluate run") from None
+    if args.clip_seconds <= 0:
+        raise UserError(f"--clip-seconds must be positive; got {args.clip_seconds}")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: is a folder; pass a file name such as yardsticks.json")
+    scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds)
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=1) + "\n")
+    rows |= scores
+    width = max(map(len, rows))
+    print(f"{'test scores':<{width}}  " + "  ".join(f"{key:>8}" for key in HEADLINE))
+    for name, values in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{values[key]:8.3f}" for key in HEADLINE))
+    return 0
