@@ -33,8 +33,8 @@ from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
 HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "hamming_score", "exact_match")
-BEST_METRICS = ("map", "lrap", "macro_f1", "micro_f1")
 LOGGED = ("lrap", "map", "macro_f1", "micro_f1")  # validation metrics logged and printed at every checkpoint
+BEST_METRICS = LOGGED  # eval.best picks one of them
 
 
 @dataclass
@@ -129,13 +129,13 @@ def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, 
     if not samples:
         raise UserError(f"{recipe.data.val}: validation shards hold no samples; pass data.val shards written with "
                         "--val-fraction")
-    if not any(sample["labelled"] for sample in samples):
+    labelled = [sample for sample in samples if sample["labelled"]]
+    if not labelled:
         raise UserError(f"{recipe.data.val}: validation shards carry no instrument labels; pass the val split of an "
                         "irmas-train or csv pack (shards pack ... --val-fraction)")
-    count = recipe.eval.mixtures or len(samples)
-    mixed = validation_mixtures(samples, count=count, seed=recipe.train.seed)
-    return {"clips": [(sample["targets"].numpy(), sample["audio"]) for sample in samples if sample["labelled"]],
-            "mixtures": [(sample["targets"].numpy(), sample["audio"]) for sample in mixed]}
+    mixed = validation_mixtures(labelled, count=recipe.eval.mixtures or len(samples), seed=recipe.train.seed)
+    return {name: [(sample["targets"].numpy(), sample["audio"]) for sample in chosen]
+            for name, chosen in (("clips", labelled), ("mixtures", mixed))}
 
 
 def predict_set(classifier: Classifier, info: ModelInfo, examples, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -572,6 +572,11 @@ def _eval_stream(urls: list[str], *, rank: int, world_size: int, sample_rate: in
         )
 
 
+def _fit(audio: np.ndarray, length: int) -> np.ndarray:
+    """(samples,) cut or zero-padded to `length`."""
+    return np.pad(audio[:length], (0, max(0, length - audio.shape[-1])))
+
+
 MIXTURE_SIZES = {1: 0.2, 2: 0.35, 3: 0.3, 4: 0.15}  # instruments per IRMAS-like test file (shards.synth's test set)
 
 
@@ -599,9 +604,8 @@ def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
                    for part in parts):
                 parts.append(candidate)
         length = parts[0]["audio"].shape[-1]
-        examples = [_Example(audio=np.pad(part["audio"].numpy()[:length], (0, max(0, length - part["audio"].shape[-1])))[None],
-                             instruments=frozenset(part["instruments"]), genre=part["genre"], labelled=True,
-                             key=part["key"], song=part["song"]) for part in parts]
+        examples = [_Example(audio=_fit(part["audio"].numpy(), length)[None], instruments=frozenset(part["instruments"]),
+                             genre=part["genre"], labelled=True, key=part["key"], song=part["song"]) for part in parts]
         mixed = _mix_examples(examples, rng) if len(examples) > 1 else examples[0]
         instruments = sorted(mixed.instruments)
         out.append(dict(audio=torch.from_numpy(mixed.audio[0].astype(np.float32)), instruments=instruments,
