@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 
-from shards.errors import run_cli
+from shards.errors import ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     from shards import pack, synth, verify  # after run_cli's environment check
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m shards",
         description="Render, pack, verify and inspect WebDataset shards of instrument audio.",
     )

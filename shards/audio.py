@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -51,7 +53,8 @@ def read_segments(
             if start > 0 and length < step / 2:
                 break
             try:
-                block = handle.read(length, dtype="float32", always_2d=True)
+                with _decoder_chatter_hidden():
+                    block = handle.read(length, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as error:
                 raise BadAudio(f"corrupt audio at {start / rate:.2f} s ({_libsndfile_message(error)})") from None
             if block.shape[0] < length:
@@ -74,18 +77,42 @@ def _open(path: Path) -> Iterator[sf.SoundFile]:
     try:
         with open(path, "rb") as raw:
             head = raw.read(12)
-        handle = sf.SoundFile(path)
+        with _decoder_chatter_hidden():
+            handle = sf.SoundFile(path)
     except OSError as error:
         raise BadAudio(f"unreadable: {error.strerror or error}") from None
     except (sf.LibsndfileError, RuntimeError) as error:
+        message = _libsndfile_message(error)
+        if "does not exist or is not a regular file" in message:  # libsndfile's words when no decoder takes the bytes
+            message = "no decoder recognises its contents"
         if _looks_like_audio(head):
-            raise BadAudio(f"corrupt audio: {_libsndfile_message(error)}") from None
-        raise BadAudio(f"not an audio file ({_libsndfile_message(error)})") from None
+            raise BadAudio(f"corrupt audio: {message}") from None
+        raise BadAudio(f"not decodable audio ({message})") from None
     with handle:
         for declared, actual in _DECLARED_LONGER.findall(handle.extra_info):
             if int(declared) > int(actual):
                 raise BadAudio(f"truncated: the header declares {declared} bytes of audio, the file holds {actual}")
         yield handle
+
+
+@contextmanager
+def _decoder_chatter_hidden() -> Iterator[None]:
+    """libsndfile's MPEG decoder prints "Note: Illegal Audio-MPEG-Header ..." lines on the process's C stderr; the
+    failure reaches the user as one BadAudio line instead. Anything else written meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            other = [line for line in sink.read().decode(errors="replace").splitlines()
+                     if not line.startswith(("Note: ", "Warning: "))]
+            if other:
+                print("\n".join(other), file=sys.stderr)
 
 
 def _looks_like_audio(head: bytes) -> bool:

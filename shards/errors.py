@@ -2,13 +2,77 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 
 class UserError(Exception):
     """A failure the user caused and can fix; the message is printed as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every Timbre command uses it: `-h/--help` and `--version` everywhere, and a usage mistake is one
+    `error:` line (exit status 2) instead of the usage text."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s (timbre {timbre_version()})")
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def timbre_version() -> str:
+    try:
+        return metadata.version("timbre-ssl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _number(kind: type, least: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < least or (strict and value == least) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if strict else 'at least'} {least}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, strict=False)
+non_negative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+
+
+def output_file(path: str | os.PathLike) -> Path:
+    """Check, before any work, that a file can be written at `path` (its folder is made); returns it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; name a file to write, e.g. {path / 'out'}")
+    output_folder(path.parent)
+    return path
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """Check, before any work, that `path` is (or can be made) a writable folder, and make it."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{path}: {parent} is a file, not a folder; choose another output path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{path}: cannot create this folder ({error.strerror}); choose another output path") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: not writable; choose another output path")
+    return path
 
 
 def environment_problem() -> str | None:

@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import re
+import sys
 import tarfile
 import warnings
 from collections import deque
@@ -50,6 +52,8 @@ from shards.audio import convert
 from shards.errors import UserError
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
+VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"
+BAD_SHARD_POLICIES = ("stop", "skip")  # what training does with a shard that does not read
 MIX_GAIN_DB = (-6.0, 0.0)  # random gain of each clip in a mixture, after matching loudness to the first clip
 MIX_POOL = 32  # recent clips that mixing partners are drawn from
 PEAK = 0.99  # mixtures louder than this are scaled down, never clipped
@@ -139,6 +143,10 @@ def _tar_samples(url: str) -> Iterator[dict]:
     try:
         files = wds.tariterators.tar_file_expander([dict(url=url, stream=stream)])
         yield from wds.tariterators.group_by_keys(files)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        cause = " ".join(str(error.args[0] if error.args else type(error).__name__).split())
+        cause = re.sub(r"\s*@\s*<[^>]*>", "", cause)  # webdataset appends the stream's repr
+        raise UserError(f"{url}: unreadable shard ({cause}); {VERIFY_HINT}") from None
     finally:
         stream.close()
 
@@ -280,19 +288,36 @@ def _local(index: int, run: int, readers: int) -> int:
     return (index // (run * readers)) * run + index % run
 
 
-def _read(src: Iterator[dict]) -> Iterator[dict]:
-    """The picked samples of each shard, checking that the shard holds as many samples as it was counted with."""
+def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str) -> Iterator[dict]:
+    """The picked samples of each shard, checking that the shard holds as many samples as it was counted with.
+
+    A shard that does not read (truncated, corrupt, short of samples) stops the run with `bad_shards="stop"`;
+    with "skip" it is left out from then on, with a warning and a running count on stderr.
+    """
+    bad: set[str] = set()
+    skipped_in_a_row = 0
     for shard in src:
+        if shard["url"] in bad:
+            skipped_in_a_row += 1
+            if skipped_in_a_row > len(plan.urls):
+                raise UserError(f"{plan.urls[0]}: no readable shard left for this reader ({len(bad)} skipped); "
+                                f"{VERIFY_HINT}")
+            continue
         picks, seen = set(shard["picks"]), 0
-        for sample in _tar_samples(shard["url"]):
-            if shard["start"] + seen in picks:
-                yield sample
-            seen += 1
-        if seen != shard["count"]:
-            raise UserError(
-                f"{shard['url']}: holds {seen} samples, the manifest says {shard['count']}; "
-                "run `python -m shards verify OUTDIR` and re-pack"
-            )
+        try:
+            for sample in _tar_samples(shard["url"]):
+                if shard["start"] + seen in picks:
+                    skipped_in_a_row = 0
+                    yield sample
+                seen += 1
+            if seen != shard["count"]:
+                raise UserError(f"{shard['url']}: holds {seen} samples, the manifest says {shard['count']}; "
+                                f"{VERIFY_HINT}")
+        except UserError as error:
+            if bad_shards == "stop":
+                raise
+            bad.add(shard["url"])
+            print(f"warning: {error}; skipped from now on ({len(bad)} bad shard(s) so far)", file=sys.stderr)
 
 
 def _shuffle(src: Iterator[dict], *, plan: _Plan, buffer: int) -> Iterator[dict]:
@@ -476,6 +501,7 @@ def train_batches(
     epoch: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    bad_shards: str = "stop",
 ) -> Iterable[dict]:
     """One epoch of training batches for this rank: exactly `batches_per_epoch` of them on every rank.
 
@@ -487,6 +513,7 @@ def train_batches(
     genre with `same_genre_mix`) and carries the union of their labels; its key and song join theirs with '+'.
     Identical for the same (seed, epoch, rank, world_size) and num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
     it is a plain iterable dataset that may also be wrapped in `DataLoader(..., batch_size=None)`.
+    A shard that does not read stops the run (`bad_shards="stop"`) or is skipped with a warning ("skip").
     """
     for name, value, least in (("batch_size", batch_size, 1), ("views", views, 1), ("mix_max", mix_max, 1)):
         if value < least:
@@ -495,6 +522,8 @@ def train_batches(
         raise UserError(f"clip_seconds={clip_seconds}, sample_rate={sample_rate}: both must be positive")
     if not 0 <= mix_probability <= 1:
         raise UserError(f"mix_probability={mix_probability}: must lie between 0 and 1")
+    if bad_shards not in BAD_SHARD_POLICIES:
+        raise UserError(f"bad_shards={bad_shards!r}: choose one of {', '.join(BAD_SHARD_POLICIES)}")
     if (batches_per_epoch is not None and batches_per_epoch < 1) or num_workers < 0:
         raise UserError(f"batches_per_epoch={batches_per_epoch}, num_workers={num_workers}: need >= 1 and >= 0")
     rank, world_size = _distributed(rank, world_size)
@@ -518,7 +547,7 @@ def train_batches(
         partial(_endless_shards, plan),
         partial(_split_by_rank, plan=plan),
         partial(_split_by_worker, plan=plan),
-        _read,
+        partial(_read, plan=plan, bad_shards=bad_shards),
         partial(_shuffle, plan=plan, buffer=shuffle_buffer),
         partial(_examples, plan=plan, seconds=clip_seconds, sample_rate=sample_rate, views=views),
         partial(_mix, plan=plan, mix_max=mix_max, probability=mix_probability, same_genre=same_genre_mix),
@@ -530,6 +559,13 @@ def train_batches(
     with warnings.catch_warnings():  # webdataset warns that a length does not size the epoch; _quota does
         warnings.simplefilter("ignore", UserWarning)
         return pipeline.with_length(batches_per_epoch)
+
+
+def sample_metadata(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> Iterator[dict]:
+    """The checked json metadata of every sample in `spec`, in shard order, without decoding audio."""
+    for url in shard_urls(spec):
+        for sample in _tar_samples(url):
+            yield _metadata(sample)
 
 
 def eval_samples(

@@ -44,10 +44,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
-from shards.errors import UserError
+from shards.errors import UserError, positive_float, positive_int
+from shards.progress import progress_bar
 from shards.sources import SOURCES, Record, Scan, Skip, scan
 from shards.split import TRAIN, VAL, split_by_song
 
@@ -426,8 +426,7 @@ def _pack_split(records: list[Record], outdir: Path, split: str, state: dict, en
         return
     first, offset = progress_state["next"]
     writer = ShardWriter(directory=outdir / split, index=len(progress_state["shards"]))
-    bar = tqdm(total=len(records), initial=first, desc=f"pack {split}", unit="file", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(records), initial=first, desc=f"pack {split}", unit="file", enabled=progress)
     try:
         for position, result in _results(records, first, encode, pool, in_flight):
             if isinstance(result, Skip):
@@ -566,14 +565,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help=f"input layout: {', '.join(SOURCES)}")
     parser.add_argument("input", help="input folder (the CSV file for the csv source)")
     parser.add_argument("outdir", help="output folder for the shards and manifest.json")
-    parser.add_argument("--sample-rate", type=int, default=16000, help="resample to this rate (default 16000)")
-    parser.add_argument("--channels", type=int, default=1, help="mix or duplicate to this many channels (default 1)")
-    parser.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--sample-rate", type=positive_int, default=16000, help="resample to this rate (default 16000)")
+    parser.add_argument("--channels", type=positive_int, default=1, help="mix or duplicate to this many channels (default 1)")
+    parser.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard (default 256)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes (default: all cores)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="also write a song-grouped, label-stratified 'val' split with this fraction of the songs")
-    parser.add_argument("--segment-seconds", type=float, default=None,
+    parser.add_argument("--segment-seconds", type=positive_float, default=None,
                         help="cut files into segments of this length, one sample each (long unlabeled recordings)")
     parser.add_argument("--split", default=None, help="split name (default: train, or test for irmas-test)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of the order of the "

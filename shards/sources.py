@@ -96,6 +96,14 @@ def scan(source: str, input_path: str | os.PathLike) -> Scan:
     )
 
 
+def audio_files(folder: str | os.PathLike) -> list[Path]:
+    """The audio files under `folder` (recursively, hidden entries excluded), sorted; a UserError when there are none."""
+    found = [Path(folder) / relpath for relpath in _walk(Path(folder)) if _is_audio(relpath)]
+    if not found:
+        raise UserError(f"{folder}: no audio files in this folder ({', '.join(sorted(AUDIO_EXTENSIONS))})")
+    return found
+
+
 def _walk(root: Path) -> list[str]:
     """Every file (and dangling link) under `root`, relative POSIX paths, hidden entries excluded."""
     found = []

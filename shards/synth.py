@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -42,9 +41,9 @@ from pathlib import Path
 import mido
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
-from shards.errors import UserError
+from shards.errors import UserError, non_negative_int, output_folder, positive_int
+from shards.progress import progress_bar
 from shards.sources import TRAIN_DIR
 from shards.vocab import DRUMS, GENRE_NAMES, GENRES, INSTRUMENT_NAMES, INSTRUMENTS
 
@@ -901,7 +900,7 @@ def _prepare(out: Path, options: dict) -> bool:
             if (out / name).exists():
                 raise UserError(f"{out / name}: exists and was not written by shards synth; "
                                 "choose an empty OUT folder or remove it")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     summary.write_text(json.dumps({"format": FORMAT, "version": VERSION, "complete": False, "options": options}))
     return False
 
@@ -947,7 +946,7 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
     workers = max(1, min(workers or os.cpu_count() or 1, len(groups) or 1))
     started = time.perf_counter()
     summaries: list[dict] = []
-    bar = tqdm(total=len(clips), desc="synth", unit="clip", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(clips), desc="synth", unit="clip", enabled=progress)
     if workers == 1:
         for font, group in groups:
             summaries += render_batch(group, font, out)
@@ -995,14 +994,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(music for pretraining), from General MIDI with FluidSynth. The same seed gives the same files.",
     )
     parser.add_argument("out", help="output folder")
-    parser.add_argument("--train-per-class", type=int, default=24, help="training clips per instrument (default 24)")
-    parser.add_argument("--test-files", type=int, default=24, help="labelled test excerpts (default 24)")
-    parser.add_argument("--unlabeled", type=int, default=240, help="unlabeled clips for pretraining (default 240)")
+    parser.add_argument("--train-per-class", type=non_negative_int, default=24, help="training clips per instrument (default 24)")
+    parser.add_argument("--test-files", type=non_negative_int, default=24, help="labelled test excerpts (default 24)")
+    parser.add_argument("--unlabeled", type=non_negative_int, default=240, help="unlabeled clips for pretraining (default 240)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--soundfont", nargs="+", default=[], metavar="SF2",
                         help="General MIDI .sf2/.sf3 files; each clip is rendered with one of them, drawn per clip "
                         f"(default {FLUIDR3} if present, else pretty_midi's TimGM6mb.sf2)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="FluidSynth processes in parallel (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

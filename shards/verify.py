@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from shards.errors import UserError
+from shards.errors import UserError, output_file
 from shards.pack import FORMAT, MANIFEST, TEMP_SUFFIX, sha256
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, INSTRUMENT_NAMES
 
@@ -36,7 +36,44 @@ def load_manifest(outdir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a Timbre shards manifest (format is not {FORMAT!r}); "
                         "pass an OUTDIR written by `python -m shards pack`")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}; repack with `python -m shards pack` into a fresh OUTDIR")
+    for entry in manifest["shards"]:  # a path that leaves OUTDIR is refused before anything is read
+        if not (Path(outdir) / entry["path"]).resolve().is_relative_to(Path(outdir).resolve()):
+            raise UserError(f"{path}: shard path {entry['path']!r} points outside {outdir}; "
+                            "repack with `python -m shards pack` into a fresh OUTDIR")
     return manifest
+
+
+MANIFEST_FIELDS = {"source": str, "inputs": int, "packed": int, "skipped": int, "samples": int,
+                   "duration": (int, float), "splits": dict, "shards": list}
+SPLIT_FIELDS = {"samples": int, "duration": (int, float), "unlabelled": int, "instruments": dict, "genres": dict,
+                "drums": dict}
+SHARD_FIELDS = {"path": str, "samples": int, "bytes": int, "sha256": str}
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is missing or mistyped in a manifest with the right format tag (None when it is complete)."""
+    problem = _lacks(manifest, MANIFEST_FIELDS, "the manifest")
+    if problem:
+        return problem
+    records = [(f"split {split!r}", entry, SPLIT_FIELDS) for split, entry in manifest["splits"].items()]
+    records += [(f"shards[{index}]", entry, SHARD_FIELDS) for index, entry in enumerate(manifest["shards"])]
+    for where, record, fields in records:
+        problem = _lacks(record, fields, where) if isinstance(record, dict) else f"{where} is not an object"
+        if problem:
+            return problem
+    return None
+
+
+def _lacks(record: dict, fields: dict, where: str) -> str | None:
+    for name, kind in fields.items():
+        if name not in record:
+            return f"{where} lacks the field {name!r}"
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            return f"{where} field {name!r} has the wrong type"
+    return None
 
 
 def check_shard(path: Path, entry: dict, seen: set[str] | None = None) -> list[str]:
@@ -111,7 +148,7 @@ def verify(outdir: str | Path, *, print_fn=print) -> int:
     for entry in manifest["shards"]:
         path = outdir / entry["path"]
         listed.add(path)
-        problems = check_shard(path, entry, keys)
+        problems = [" ".join(problem.split()) for problem in check_shard(path, entry, keys)]
         samples += entry["samples"] if not problems else 0
         bad += bool(problems)
         print_fn(f"{entry['path']}: " + ("ok" if not problems else "BAD: " + "; ".join(problems)))
@@ -212,7 +249,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_stats(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.outdir)
+    plot = output_file(args.plot) if args.plot else None
     print(stats_table(manifest))
-    if args.plot:
-        print(f"plot: {plot_classes(manifest, args.plot)}")
+    if plot:
+        print(f"plot: {plot_classes(manifest, plot)}")
     return 0

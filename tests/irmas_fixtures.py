@@ -160,8 +160,8 @@ def add_bad_inputs(tree: Tree, *, layout: str, seconds: float = 0.5) -> Tree:
         raise ValueError(layout)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def bad(word: str, label: bool = True) -> Path:
-        path = folder / next(names)
+    def bad(word: str, label: bool = True, suffix: str = ".wav") -> Path:
+        path = (folder / next(names)).with_suffix(suffix)
         tree.skips[path.relative_to(tree.root).as_posix()] = word
         if layout == "test" and label:
             path.with_suffix(".txt").write_text(INSTRUMENTS[6] + "\n")
@@ -176,7 +176,8 @@ def add_bad_inputs(tree: Tree, *, layout: str, seconds: float = 0.5) -> Tree:
     bad("empty").write_bytes(b"")
     bad("corrupt").write_bytes(whole[:12] + np.random.default_rng(1).bytes(2000))
     bad("truncated").write_bytes(whole[: len(whole) // 2])
-    bad("not an audio file").write_text("<html><body>This is not a wav file.</body></html>\n" * 20)
+    bad("not decodable audio").write_text("<html><body>This is not a wav file.</body></html>\n" * 20)
+    bad("not decodable audio", suffix=".mp3").write_bytes(np.random.default_rng(2).bytes(3000))
     os.symlink(folder / "does-not-exist.wav", bad("unreadable"))
     sf.write(bad("silent"), np.zeros_like(good), 44100, subtype="PCM_16")
     with_nan = good.copy()

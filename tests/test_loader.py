@@ -99,6 +99,27 @@ def test_a_stale_manifest_count_is_named(data, tmp_path):
         _batches(tmp_path / "out", shuffle_buffer=1)
 
 
+def test_a_truncated_shard_stops_or_is_skipped_as_the_recipe_says(data, tmp_path, capsys):
+    outdir, _ = data
+    shutil.copytree(outdir, tmp_path / "out")
+    victim = tmp_path / "out" / "train" / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(UserError) as error:
+        _batches(tmp_path / "out", shuffle_buffer=1)
+    message = str(error.value)
+    assert "\n" not in message and "shard-000001.tar: unreadable shard" in message and "shards verify" in message
+    with pytest.raises(UserError, match="shard-000001.tar: unreadable shard"):
+        list(eval_samples(tmp_path / "out" / "train"))
+    batches = _batches(tmp_path / "out", shuffle_buffer=1, bad_shards="skip", batches_per_epoch=8)
+    assert len(batches) == 8 and all(len(batch["key"]) == 4 for batch in batches)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "shard-000001.tar" in warnings[0] and "(1 bad shard(s) so far)" in warnings[0]
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        (tmp_path / "out" / "train" / name).write_bytes(b"not a tar")
+    with pytest.raises(UserError, match="no readable shard left"):
+        _batches(tmp_path / "out", shuffle_buffer=1, bad_shards="skip", batches_per_epoch=8)
+
+
 def test_batches_have_contract_shapes_dtypes_and_targets(data):
     outdir, meta = data
     batches = _batches(_both(outdir), batch_size=3, clip_seconds=1.5)

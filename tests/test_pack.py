@@ -246,6 +246,7 @@ def test_cli_strict_summary_and_one_line_errors(tmp_path):
     assert f"packed {len(tree.expected)} of {tree.inputs} inputs" in result.stdout
     assert "Lonely label-1.txt: label file without audio" in result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and "--strict" in result.stderr
+    assert "MPEG" not in result.stderr and "Note:" not in result.stderr  # the mp3 decoder's chatter stays hidden
     assert set((tmp_path / "out").iterdir()) >= {tmp_path / "out" / "test", tmp_path / "out" / MANIFEST}
 
 
@@ -254,7 +255,8 @@ def test_cli_strict_summary_and_one_line_errors(tmp_path):
     [
         (["pack", "irmas", "IN", "OUT"], "irmas: unknown source"),
         (["pack", "folder", "IN", "OUT", "--val-fraction", "1.5"], "--val-fraction 1.5"),
-        (["pack", "folder", "IN", "OUT", "--shard-size", "0"], "--shard-size 0"),
+        (["pack", "folder", "IN", "OUT", "--shard-size", "0"], "argument --shard-size: 0 must be at least 1"),
+        (["pack", "folder", "IN", "OUT", "--workers", "two"], "argument --workers: 'two' is not a number"),
         (["pack", "folder", "IN", "OUT", "--split", "a.b"], "--split 'a.b'"),
         (["pack", "folder", "EMPTY", "OUT"], "no audio files found"),
         (["pack", "irmas-train", "NOWHERE", "OUT"], "NOWHERE: input directory not found"),

@@ -36,7 +36,7 @@ def check_against(tree, found, *, decode_time: set[str] = frozenset()):
     assert all(KEY.match(k) for k in keys)
 
 
-DECODE_WORDS = {"empty", "corrupt", "truncated", "not an audio file", "unreadable", "silent", "nan", "no audio samples"}
+DECODE_WORDS = {"empty", "corrupt", "truncated", "not decodable audio", "unreadable", "silent", "nan", "no audio samples"}
 
 
 def decode_time(tree) -> set[str]:

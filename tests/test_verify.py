@@ -106,3 +106,38 @@ def test_not_a_manifest_is_a_user_error(tmp_path):
     (tmp_path / MANIFEST).write_text('{"hello": 1}')
     with pytest.raises(UserError, match="not a Timbre shards manifest"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("outside", ["../../../etc/hostname", "/etc/passwd"])
+def test_a_shard_path_outside_outdir_is_refused_unread(packed, tmp_path, capsys, outside):
+    outdir = tmp_path / "out"
+    shutil.copytree(packed, outdir)
+    manifest = load_manifest(outdir)
+    manifest["shards"][1]["path"] = outside
+    (outdir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(["verify", str(outdir)]))
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"shard path {outside!r} points outside" in captured.err
+    assert "test/shard-000000.tar" not in captured.out  # refused before any shard is hashed
+
+
+@pytest.mark.parametrize("command", ["verify", "stats"])
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m["splits"]["test"].pop("samples"), "split 'test' lacks the field 'samples'"),
+    (lambda m: m["splits"]["test"].pop("instruments"), "split 'test' lacks the field 'instruments'"),
+    (lambda m: m["shards"][0].pop("sha256"), "shards[0] lacks the field 'sha256'"),
+    (lambda m: m.__setitem__("shards", {}), "the manifest field 'shards' has the wrong type"),
+])
+def test_a_manifest_missing_fields_is_one_line(packed, tmp_path, capsys, command, damage, message):
+    outdir = tmp_path / "out"
+    shutil.copytree(packed, outdir)
+    manifest = load_manifest(outdir)
+    damage(manifest)
+    (outdir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([command, str(outdir)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(outdir / MANIFEST) in err and message in err
