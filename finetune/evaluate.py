@@ -8,7 +8,6 @@ its file's labels).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator
@@ -16,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from finetune.metrics import multilabel_metrics
 from finetune.model import (AGGREGATES, FinetunedModel, FileResult, add_inference_options, infer, load_model,
                             read_audio)
 from shards.audio import BadAudio
-from shards.errors import UserError
+from shards.errors import ArgumentParser, UserError, output_file, output_folder
 from shards.loader import eval_samples
+from shards.progress import progress_bar
 from shards.sources import scan
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
 
@@ -70,7 +69,7 @@ def run_model(model: FinetunedModel, data: str, *, hop_seconds: float | None, ba
               skipped: list[dict]) -> list[tuple[Item, FileResult]]:
     results = infer(model, load_data(data, sample_rate=model.info.sample_rate, skipped=skipped),
                     hop_seconds=hop_seconds, batch_size=batch_size)
-    return list(tqdm(results, desc="evaluate", unit=" files", leave=False))
+    return list(progress_bar(results, desc="evaluate", unit=" files", leave=False))
 
 
 def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | None = None,
@@ -242,14 +241,14 @@ def embed_plot(model: FinetunedModel, data: str, out: Path, *, method: str = "ts
 
 def main(argv: list[str]) -> int:
     """Evaluate a fine-tuned model on whole files."""
-    parser = argparse.ArgumentParser(prog="python -m finetune evaluate", description=main.__doc__)
+    parser = ArgumentParser(prog="python -m finetune evaluate", description=main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("data", help="IRMAS test folder or test shard directory/URLs")
     parser.add_argument("--out", default=None, help="report folder (default: <model>/../report)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
+    out = output_folder(args.out if args.out else Path(args.model).parent / "report")  # checked before the work
     model = load_model(args.model, precision=args.precision)
-    out = Path(args.out) if args.out else Path(args.model).parent / "report"
     report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
                       batch_size=args.batch_size)
     numbers = "  ".join(f"{name} {report[name]:.3f}" for name in HEADLINE if report[name] is not None)
@@ -260,12 +259,13 @@ def main(argv: list[str]) -> int:
 
 def embed_main(argv: list[str]) -> int:
     """Map clip embeddings of a fine-tuned model in 2-D, coloured by instrument and by genre."""
-    parser = argparse.ArgumentParser(prog="python -m finetune embed", description=embed_main.__doc__)
+    parser = ArgumentParser(prog="python -m finetune embed", description=embed_main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("data", help="IRMAS test folder or shard directory/URLs (shards carry genres)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--method", choices=("tsne", "pca"), default="tsne")
     args = parser.parse_args(argv)
-    count = embed_plot(load_model(args.model), args.data, Path(args.out), method=args.method)
+    out = output_file(args.out)
+    count = embed_plot(load_model(args.model), args.data, out, method=args.method)
     print(f"{count} files mapped: {args.out}", file=sys.stderr)
     return 0

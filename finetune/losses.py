@@ -6,16 +6,14 @@ the training labels, keeps rare instruments from being predicted absent by defau
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import Tensor
 
-from shards.loader import shard_urls
+from shards.loader import sample_metadata
 from shards.vocab import multi_hot
 
 
@@ -30,13 +28,11 @@ class LossConfig:
 
 def label_counts(spec) -> tuple[np.ndarray, int]:
     """(positives per instrument, number of samples) from the shards' json metadata, without decoding audio."""
-    # every process counts every shard (identity node splitter), so all ranks get the same pos_weight
-    dataset = wds.WebDataset(shard_urls(spec), shardshuffle=False, empty_check=False,
-                             nodesplitter=lambda urls: urls).to_tuple("json")
+    # every process counts every shard, so all ranks get the same pos_weight
     counts = np.zeros_like(multi_hot([]))
     total = 0
-    for (metadata,) in dataset:
-        counts += multi_hot(json.loads(metadata)["instruments"])
+    for metadata in sample_metadata(spec):
+        counts += multi_hot(metadata.get("instruments") or [])
         total += 1
     return counts, total
 

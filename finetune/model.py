@@ -38,7 +38,7 @@ from pretrain.embed import window_starts
 from pretrain.frontend import LogMel, SpecAugment
 from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
 from shards.audio import convert, read_segments
-from shards.errors import UserError
+from shards.errors import UserError, positive_float, positive_int
 from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
@@ -212,8 +212,8 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The windowing, batching and precision options that `evaluate` and `predict` share."""
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
-    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--hop-seconds", type=positive_float, default=None, help="window hop (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
 
@@ -312,9 +312,11 @@ def _model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> str:
     ]
     if transformers_folder:
         lines += ["", "This folder is also a transformers `ASTForAudioClassification` checkpoint (sigmoid outputs):", "",
-                  "```python", "from transformers import pipeline",
+                  "```python", "import soundfile as sf", "from transformers import pipeline", "",
                   "classify = pipeline('audio-classification', model='MODEL_DIR')",
-                  "classify('clip.wav', top_k=None)", "```",
+                  "audio, rate = sf.read('clip.wav', dtype='float32', always_2d=True)  # decoded without FFmpeg",
+                  "answer = classify({'raw': audio.mean(axis=1), 'sampling_rate': rate}, top_k=None)", "```", "",
+                  "(`classify('clip.wav')` also works where FFmpeg is installed: transformers decodes file names with it.)",
                   "", f"Give it {info.clip_seconds:g} s clips; longer audio is better served by `python -m finetune predict`."]
     if recipe:
         lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=1, default=str), "```"]

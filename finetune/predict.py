@@ -6,7 +6,6 @@ an `error` (one line, from `shards.audio`) and the others still get answers; the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,8 @@ import numpy as np
 
 from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
+from shards.errors import ArgumentParser
+from shards.sources import audio_files
 from shards.vocab import INSTRUMENT_NAMES
 
 
@@ -72,21 +73,22 @@ def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, 
 
 def main(argv: list[str]) -> int:
     """Name the instruments in audio files of any length."""
-    parser = argparse.ArgumentParser(prog="python -m finetune predict", description=main.__doc__)
+    parser = ArgumentParser(prog="python -m finetune predict", description=main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
-    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...)")
+    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...) or folders of them")
     parser.add_argument("--timeline", action="store_true", help="also give every window's probabilities")
     add_inference_options(parser)
     args = parser.parse_args(argv)
+    files = [str(file) for name in args.files for file in (audio_files(name) if Path(name).is_dir() else [name])]
     model = load_model(args.model, precision=args.precision)
     failed = []
-    for answer in predict(model, args.files, timeline=args.timeline, aggregate=args.aggregate,
+    for answer in predict(model, files, timeline=args.timeline, aggregate=args.aggregate,
                           hop_seconds=args.hop_seconds, batch_size=args.batch_size):
         print(json.dumps(answer), flush=True)
         if "error" in answer:
             failed.append(answer["file"])
     if failed:
-        print(f"error: {len(failed)} of {len(args.files)} files could not be read: "
+        print(f"error: {len(failed)} of {len(files)} files could not be read: "
               f"{', '.join(Path(name).name for name in failed)} (see their \"error\" objects)", file=sys.stderr)
         return 1
     return 0

@@ -23,12 +23,13 @@ from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import multilabel_metrics, tune_thresholds
 from finetune.model import (AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model)
+from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, SpecAugment
 from pretrain.hub import load_backbone
 from pretrain.recipe import load_recipe, to_dict
-from pretrain.trainer import TrainConfig, train
-from shards.errors import UserError
+from pretrain.trainer import TrainConfig, check_output_dir, train
+from shards.errors import ArgumentParser, UserError
 from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
@@ -48,16 +49,18 @@ class DataConfig:
     same_genre_mix: bool = False
     shuffle_buffer: int = 512
     num_workers: int = 0
+    bad_shards: Literal["stop", "skip"] = "stop"  # a shard that does not read: stop the run, or skip it
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(WaveAugmentConfig):
+    """Waveform levers (gain_db, filters, noise, pitch, reverb: see pretrain.augment), then SpecAugment on log-mels."""
+
     spec_augment: bool = True
     freq_mask: int = 24
     time_mask: int = 48
     num_freq_masks: int = 2
     num_time_masks: int = 2
-    gain_db: float = 6.0  # each training clip is scaled by a random gain in [-gain_db, +gain_db] dB
 
 
 THRESHOLD_SOURCES = ("mixtures", "clips")
@@ -164,10 +167,10 @@ def model_info(recipe: FinetuneRecipe) -> ModelInfo:
                      aggregate=recipe.eval.aggregate, thresholds=[0.5] * len(INSTRUMENTS))
 
 
-def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool):
-    """The trainer's export hook: score the validation clips and mixtures, tune thresholds, and write
-    `<output_dir>/model/` when the checkpoint is the best so far by `eval.best`; returns the metrics to log."""
-    sets: dict = {}
+def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: dict | None):
+    """The trainer's export hook: score the validation `sets` (from `validation_sets`, None without data.val), tune
+    thresholds, and write `<output_dir>/model/` when the checkpoint is the best so far by `eval.best`; returns the
+    metrics to log."""
     previous = output_dir / "model" / "finetune.json"  # a resumed run keeps the best model it already exported
     best = json.loads(previous.read_text()).get("validation", {}).get("best") if resumed and previous.is_file() else None
 
@@ -176,9 +179,7 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool):
         info = model_info(recipe)
         state = json.loads((output_dir / "trainer_state.json").read_text())
         logged: dict[str, float] = {}
-        if recipe.data.val:
-            if not sets:
-                sets.update(validation_sets(recipe))
+        if sets is not None:
             scored = {name: predict_set(classifier, info, examples, batch_size=recipe.eval.batch_size)
                       for name, examples in sets.items() if examples}
             thresholds = tune_thresholds(*scored[recipe.eval.thresholds])
@@ -215,6 +216,10 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     if recipe.eval.best not in BEST_METRICS:
         raise UserError(f"{source}: eval.best must be one of {', '.join(BEST_METRICS)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)
+    check_output_dir(output_dir, recipe.resume)
+    # Read (and check) the validation set before the first step, not at the first checkpoint; the main process scores it.
+    # (RANK, not PartialState: the process group is made later, by the trainer's Accelerator, with its CPU settings)
+    sets = validation_sets(recipe) if data.val and int(os.environ.get("RANK", "0")) == 0 else None
     set_seed(recipe.train.seed)  # the same head (and scratch backbone) initialisation on every run and every rank
     classifier = build_classifier(recipe, source=source)
     pos_weight = None
@@ -222,15 +227,11 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         counts, total = label_counts(data.train)
         pos_weight = pos_weight_from_counts(counts, total, maximum=recipe.loss.max_pos_weight)
     criterion = MultiLabelLoss(config=recipe.loss, pos_weight=pos_weight)
-    gain_db = recipe.augment.gain_db
+    augment = WaveAugment(config=recipe.augment, sample_rate=data.sample_rate).train()
     warmup = recipe.adapt.warmup_head_steps
 
     def loss_fn(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        audio = batch["audio"]
-        if gain_db > 0:
-            decibels = (torch.rand(audio.shape[0], 1, device=audio.device) * 2 - 1) * gain_db
-            audio = audio * 10 ** (decibels / 20)
-        logits = model(audio, backbone_grad=0.0 if step < warmup else 1.0)
+        logits = model(augment(batch["audio"]), backbone_grad=0.0 if step < warmup else 1.0)
         criterion.to(logits.device)
         return criterion(logits, batch["targets"], batch["labelled"]), {}
 
@@ -238,22 +239,26 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         return train_batches(data.train, batch_size=recipe.train.batch_size, clip_seconds=data.clip_seconds,
                              sample_rate=data.sample_rate, mix_max=data.mix_max, mix_probability=data.mix_probability,
                              same_genre_mix=data.same_genre_mix, shuffle_buffer=data.shuffle_buffer,
-                             num_workers=data.num_workers, seed=recipe.train.seed, epoch=epoch)
+                             num_workers=data.num_workers, seed=recipe.train.seed, epoch=epoch,
+                             bad_shards=data.bad_shards)
 
     layer_decay = recipe.adapt.layer_decay if recipe.adapt.mode == "full" else 1.0
     groups = param_groups(classifier, backbone=classifier.backbone, lr=recipe.train.lr,
                           weight_decay=recipe.train.weight_decay, layer_decay=layer_decay)
-    output_dir.mkdir(parents=True, exist_ok=True)
     train(model=classifier, loss_fn=loss_fn, batches=batches, config=recipe.train, output_dir=output_dir,
           tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe), resume=recipe.resume,
-          param_groups=groups, export=exporter(recipe, output_dir, resumed=bool(recipe.resume)))
+          param_groups=groups, export=exporter(recipe, output_dir, resumed=bool(recipe.resume), sets=sets))
     return output_dir / "model"
 
 
 def main(argv: list[str]) -> int:
-    """Entry point for `python -m finetune RECIPE.yaml [key=value ...]`."""
-    path, overrides = argv[0], argv[1:]
-    recipe = load_recipe(path, overrides, FinetuneRecipe)
+    """Fine-tune a backbone (a saved folder, a Hub id, or a named size from scratch) from a YAML recipe."""
+    parser = ArgumentParser(prog="python -m finetune", description=main.__doc__)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune/cpu-synth.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 backbone=PATH")
+    args = parser.parse_args(argv)
+    path = args.recipe
+    recipe = load_recipe(path, args.overrides, FinetuneRecipe, example="recipes/finetune/cpu-synth.yaml")
     model_dir = run(recipe, source=path)
     meta_file = model_dir / "finetune.json"
     if meta_file.is_file() and int(os.environ.get("RANK", "0")) == 0:

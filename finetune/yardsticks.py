@@ -14,7 +14,6 @@ printed first, in the same table.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from finetune.metrics import multilabel_metrics, tune_thresholds
 from finetune.model import cut_windows
 from pretrain.frontend import LogMel
-from shards.errors import UserError
+from shards.errors import ArgumentParser, UserError, output_file, positive_float
 from shards.loader import eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
@@ -88,11 +87,11 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune yardsticks", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m finetune yardsticks", description=__doc__.split("\n\n")[0])
     parser.add_argument("train", help="labelled training shards (e.g. demo/shards/irmas-train/train)")
     parser.add_argument("val", help="validation shards, for the thresholds (e.g. demo/shards/irmas-train/val)")
     parser.add_argument("test", help="test shards (e.g. demo/shards/irmas-test/test)")
-    parser.add_argument("--clip-seconds", type=float, default=3.0, help="window length (default 3.0)")
+    parser.add_argument("--clip-seconds", type=positive_float, default=3.0, help="window length (default 3.0)")
     parser.add_argument("--report", default=None, help="report.json of `finetune evaluate` on TEST, shown first")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
@@ -104,13 +103,10 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"--report {args.report}: not a report.json of `python -m finetune evaluate` ({error}); "
                             "pass <out>/report.json of an evaluate run") from None
-    if args.clip_seconds <= 0:
-        raise UserError(f"--clip-seconds must be positive; got {args.clip_seconds}")
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out}: is a folder; pass a file name such as yardsticks.json")
+    out = output_file(args.out) if args.out else None
     scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds)
-    if args.out:
-        Path(args.out).write_text(json.dumps(scores, indent=1) + "\n")
+    if out:
+        out.write_text(json.dumps(scores, indent=1) + "\n")
     rows |= scores
     width = max(map(len, rows))
     print(f"{'test scores':<{width}}  " + "  ".join(f"{key:>8}" for key in HEADLINE))

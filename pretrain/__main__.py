@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from shards.errors import run_cli
+from shards.errors import ArgumentParser, run_cli
 
 USAGE = """usage:
   python -m pretrain RECIPE.yaml [key=value ...]        pretrain a backbone (under accelerate launch too)
@@ -17,8 +16,8 @@ def publish_main(argv: list[str]) -> int:
     """Upload a backbone folder to the Hugging Face Hub as one commit."""
     from pretrain.hub import publish
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain publish", description=publish_main.__doc__)
-    parser.add_argument("directory", help="folder written by save_pretrained (a run's export/ folder)")
+    parser = ArgumentParser(prog="python -m pretrain publish", description=publish_main.__doc__)
+    parser.add_argument("directory", help="a backbone folder: <output_dir>/backbone of a pretraining run")
     parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub; created when missing")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry-run", action="store_true", help="only list the files that would be uploaded")

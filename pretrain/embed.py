@@ -13,7 +13,6 @@ time patches), so file i's tokens are `tokens[token_offsets[i]:token_offsets[i +
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import defaultdict
@@ -23,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from pretrain.backbone import Backbone
 from pretrain.frontend import LogMel
 from pretrain.hub import load_backbone
 from shards.audio import BadAudio, convert, read_segments
-from shards.errors import UserError
+from shards.errors import ArgumentParser, UserError, output_file, positive_float, positive_int
 from shards.loader import eval_samples, shard_urls
-from shards.sources import AUDIO_EXTENSIONS
+from shards.progress import progress_bar
+from shards.sources import audio_files
 
 
 def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
@@ -54,10 +53,7 @@ def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[t
             for sample in eval_samples(shard_urls(given), rank=0, world_size=1, sample_rate=sample_rate):
                 yield sample["key"], torch.as_tensor(sample["audio"], dtype=torch.float32)
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-            if not files:
-                raise UserError(f"{given}: no audio files or shards in this folder")
-            for file in files:
+            for file in audio_files(path):
                 yield from audio_file(file, sample_rate, skipped)
         else:
             yield from audio_file(path, sample_rate, skipped)
@@ -135,8 +131,8 @@ def embed(backbone: Backbone, paths: list[str], *, window_seconds: float | None 
     keys: list[str] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    for key, waveform in tqdm(inputs(paths, frontend.sample_rate, skipped), desc="embed", unit="clip",
-                              disable=not progress):
+    for key, waveform in progress_bar(inputs(paths, frontend.sample_rate, skipped), desc="embed", unit="clip",
+                                      enabled=progress):
         if key in seen:
             raise UserError(f"{key}: given twice; each file or shard sample may appear once")
         seen.add(key)
@@ -160,25 +156,25 @@ def embed(backbone: Backbone, paths: list[str], *, window_seconds: float | None 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain embed",
+    parser = ArgumentParser(prog="python -m pretrain embed",
                                      description="Clip embeddings of audio files or shards, keyed by file.")
     parser.add_argument("backbone", help="backbone folder or Hub id (Timbre export or any AST checkpoint)")
     parser.add_argument("inputs", nargs="+", help="audio files, folders of audio, shard files or shard folders")
     parser.add_argument("--out", required=True, help="output .npz file")
     parser.add_argument("--tokens", action="store_true", help="also store the window-averaged patch tokens")
-    parser.add_argument("--window-seconds", type=float, default=None, help="window length (default: the backbone's clip)")
-    parser.add_argument("--hop-seconds", type=float, default=None, help="window hop (default: the window length)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--window-seconds", type=positive_float, default=None, help="window length (default: the backbone's clip)")
+    parser.add_argument("--hop-seconds", type=positive_float, default=None, help="window hop (default: the window length)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UserError(f"{out}: the output must be a .npz file; name it e.g. embeddings.npz")
+    if not args.out.endswith(".npz"):
+        raise UserError(f"{args.out}: the output must be a .npz file; name it e.g. embeddings.npz")
+    out = output_file(args.out)
     backbone = load_backbone(args.backbone)
     arrays, skipped = embed(backbone, args.inputs, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
                             batch_size=args.batch_size, tokens=args.tokens, device=args.device,
-                            progress=sys.stderr.isatty())
-    out.parent.mkdir(parents=True, exist_ok=True)
+                            progress=True)
     partial = out.with_name(f".{out.stem}.partial.npz")
     np.savez(partial, **arrays)
     os.replace(partial, out)

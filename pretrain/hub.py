@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, constants, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -232,8 +232,11 @@ def resolve(path_or_repo_id: str, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(path_or_repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except LocalEntryNotFoundError:
-        raise UserError(f"{path_or_repo_id}: not a local folder and not in the Hub cache while offline; "
-                        "unset HF_HUB_OFFLINE or download it first") from None
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{path_or_repo_id}: not a local folder and not in the Hub cache, and HF_HUB_OFFLINE is set; "
+                            "unset it to download, or pass a local folder") from None
+        raise UserError(f"{path_or_repo_id}: not a local folder, not in the Hub cache, and the Hugging Face Hub cannot "
+                        "be reached (no network?); connect, or pass a local folder") from None
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise UserError(f"{path_or_repo_id}: cannot fetch it from the Hugging Face Hub ({type(error).__name__}); "
                         "check the id, your network and `hf auth login` for private repositories") from None

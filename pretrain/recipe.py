@@ -37,11 +37,12 @@ def _parse(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_recipe(path: str | Path, overrides: list[str], schema: type[T]) -> T:
+def load_recipe(path: str | Path, overrides: list[str], schema: type[T], *,
+                example: str = "recipes/pretrain/mae-tiny-synth.yaml") -> T:
     """Read `path`, apply `overrides` (`a.b=value`, value parsed as YAML) and build `schema`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: recipe not found; pass a YAML file such as recipes/pretrain/mae-tiny-synth.yaml")
+        raise UserError(f"{path}: recipe not found; pass a YAML file such as {example}")
     try:
         raw = _parse(path.read_text()) or {}
     except yaml.YAMLError as error:

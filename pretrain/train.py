@@ -17,10 +17,10 @@ checkpoint and at the end, with a model card naming the data, objectives, recipe
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -32,7 +32,7 @@ from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
 from pretrain.recipe import load_recipe, to_dict
 from pretrain.trainer import TRACKERS, TrainConfig, train
-from shards.errors import UserError
+from shards.errors import ArgumentParser, UserError
 from shards.loader import shard_urls, train_batches
 
 DEMO_SHARDS = ["demo/shards/unlabeled/train", "demo/shards/irmas-train/train"]
@@ -49,6 +49,7 @@ class DataConfig:
     shuffle_buffer: int = 512
     batches_per_epoch: int | None = None  # default: one pass over the shards
     num_workers: int = 0
+    bad_shards: Literal["stop", "skip"] = "stop"  # a shard that does not read: stop the run, or skip it
 
 
 @dataclass
@@ -121,7 +122,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
             sample_rate=config.frontend.sample_rate, mix_max=data.mix_max, mix_probability=data.mix_probability,
             same_genre_mix=data.same_genre_mix, views=data.views, shuffle_buffer=data.shuffle_buffer,
             batches_per_epoch=data.batches_per_epoch, num_workers=data.num_workers, seed=recipe.train.seed,
-            epoch=epoch,
+            epoch=epoch, bad_shards=data.bad_shards,
         )
 
     def export(trained: Pretrainer, directory: Path) -> None:
@@ -147,7 +148,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pretrain", description="Pretrain a spectrogram transformer from a YAML recipe."
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/pretrain/mae-tiny-synth.yaml")

@@ -77,9 +77,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from shards.errors import UserError
+from shards.progress import progress_bar
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRACKERS = ("none", "wandb", "tensorboard")
@@ -202,6 +203,7 @@ def train(
         raise UserError(f"tracking: unknown tracker {tracking!r}; use one of {', '.join(TRACKERS)}")
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
+    check_output_dir(output_dir, resume)
     if tracking == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
     accelerator = Accelerator(
@@ -258,7 +260,7 @@ def train(
             init_kwargs={"wandb": _wandb_kwargs(output_dir, run_name, resume_from is not None)} if tracking == "wandb" else {},
         )
 
-    progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    progress = progress_bar(total=config.steps, initial=step, enabled=accelerator.is_main_process, desc="train")
     sums: dict[str, Tensor | float] = defaultdict(float)
     count, clips, last_time, paused = 0, 0, time.perf_counter(), 0.0
     summary = _previous_summary(output_dir) if resume_from is not None else {"logs": {}, "clips_per_s": 0.0}
@@ -319,6 +321,28 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
         if match and (path / "trainer_state.json").is_file():
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
+
+
+RUN_OUTPUTS = ("trainer_state.json", "checkpoints", "model", "backbone")  # what a run writes into output_dir
+
+
+def check_output_dir(output_dir: Path, resume: str | None) -> None:
+    """Refuse, before any work, an output_dir that is a file, or that holds an earlier run and no resume was asked:
+    a new run there would overwrite the finished model and mix two runs' checkpoints."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir={output_dir}: is a file, not a folder; pass a folder path for the run")
+    if _resume_path(resume, output_dir / "checkpoints") is not None or resume == "auto":
+        return
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if found:
+        state = output_dir / "trainer_state.json"
+        try:
+            done = json.loads(state.read_text())
+            what = f"a {'finished' if done['step'] >= done['steps'] else 'stopped'} run (step {done['step']} of {done['steps']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = f"an earlier run ({', '.join(found)})"
+        raise UserError(f"output_dir={output_dir}: already holds {what}; continue it with resume=auto, or pass a new "
+                        "output_dir=..., or delete the folder first")
 
 
 def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:

@@ -17,8 +17,7 @@ import torch
 import webdataset as wds
 
 from finetune.adapters import param_groups
-from finetune.heads import HeadConfig
-from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
+from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import tune_thresholds
 from finetune.model import cut_windows, load_model, read_audio, save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info, predict_set, validation_sets
@@ -164,7 +163,8 @@ def cli_run(data, backbone_dir, tmp_path_factory) -> tuple[Path, str]:
     result = run_cli("recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
             f"data.val={data['val']}", f"output_dir={output}", "data.shuffle_buffer=32", "train.steps=12",
             "train.batch_size=8", "train.warmup_steps=2", "train.checkpoint_every=6", "adapt.warmup_head_steps=3",
-            "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5", "tracking=tensorboard")
+            "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5", "tracking=tensorboard",
+            "augment.filters=0.5", "augment.noise=0.5", "augment.reverb=0.5", "augment.pitch=0.5")
     return output, result.stdout + result.stderr
 
 
@@ -207,7 +207,7 @@ def test_thresholds_come_from_validation_mixtures(trained, data):
     assert not np.allclose(tune_thresholds(clip_probabilities, clip_targets), list(saved.values()))
 
 
-def test_transformers_pipeline_matches_timbre(trained):
+def test_transformers_pipeline_matches_timbre(trained, tmp_path):
     from transformers import pipeline
 
     config = json.loads((trained / "config.json").read_text())
@@ -222,6 +222,14 @@ def test_transformers_pipeline_matches_timbre(trained):
     assert {item["label"] for item in answer} == set(expected)
     for item in answer:
         assert item["score"] == pytest.approx(expected[item["label"]], abs=1e-4)
+    # The model card's own example runs as written, with no FFmpeg, on a 44.1 kHz stereo file.
+    card = (trained / "README.md").read_text()
+    example = card.split("```python\n", 1)[1].split("```", 1)[0]
+    sf.write(tmp_path / "clip.wav", np.stack([chord(("pia", "voi"), seconds=CLIP, rate=44100, seed=7)] * 2, axis=1), 44100)
+    scope: dict = {}
+    exec(example.replace("MODEL_DIR", str(trained)).replace("clip.wav", str(tmp_path / "clip.wav")), scope)
+    from_card = {item["label"]: item["score"] for item in scope["answer"]}
+    assert max(from_card, key=from_card.get) == max(expected, key=expected.get)
 
 
 def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_path, capsys):
