@@ -23,6 +23,13 @@ naming the stage. Delete OUT after changing the toolkit's code: the keys do not 
 
     python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~8 min on the busy VM: checks the pipeline
     python bench/quality.py --write-results        # the full budget (48 min on 2 idle cores): bench/RESULTS.md
+
+`--table supervised` is the supervised-only table instead: no pretraining; the shipped CPU recipe
+(recipes/finetune/cpu-synth.yaml, a scratch ViT) trained with several seeds on clips rendered with the demo's three
+training SoundFonts, against the log-mel regression and no-information yardsticks, on test pieces rendered with
+an unseen SoundFont and with the training fonts:
+
+    python bench/quality.py --table supervised --write-results   # ~45 min on 2 cores: bench/RESULTS-supervised.md
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ import torch  # noqa: E402
 
 from finetune.metrics import multilabel_metrics, tune_thresholds  # noqa: E402
 from finetune.model import cut_windows  # noqa: E402
+from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES  # noqa: E402
+from finetune.yardsticks import REGRESSION, yardsticks  # noqa: E402
 from pretrain.frontend import LogMel  # noqa: E402
 from shards.errors import UserError, run_cli  # noqa: E402
 from shards.loader import eval_samples  # noqa: E402
@@ -408,6 +417,137 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+# --- The supervised table ----------------------------------------------------------------------
+
+SF2 = Path("/usr/share/sounds/sf2")
+DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
+SUPERVISED_SIZES = {"tiny": {"per_class": 4, "test_files": 6, "steps": 4}, "full": {"per_class": 400, "test_files": 200}}
+SUPERVISED_SCORES = YARDSTICK_SCORES
+
+
+def run_supervised(args: argparse.Namespace) -> dict:
+    """Scratch ViT (the shipped CPU recipe, one run per seed) against the yardsticks, unseen-font and same-font."""
+    sizes = SUPERVISED_SIZES[args.budget]
+    out = Path(args.out).resolve()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    runner = Runner(out=out, env=env)
+    started = time.perf_counter()
+    data, shards, seed = out / "data", out / "shards", args.seed
+    train_fonts = [Path(font).resolve() for font in args.train_soundfonts]
+    test_font = Path(args.test_soundfont).resolve()
+    if test_font in train_fonts:
+        raise UserError(f"--test-soundfont: {test_font} is also a training SoundFont; the test set needs another")
+    recipe = Path(args.finetune_recipe).resolve()
+    runner.run("synth-train", python("-m", "shards", "synth", data / "train", "--train-per-class", sizes["per_class"],
+                                     "--test-files", 0, "--unlabeled", 0, "--seed", seed, "--soundfont", *train_fonts,
+                                     "--quiet"),
+               output=data / "train", done=data / "train" / "synth.json", files=tuple(train_fonts))
+    runner.run("pack-train", python("-m", "shards", "pack", "irmas-train", data / "train" / TRAIN_DIR,
+                                    shards / "train", "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
+               output=shards / "train", done=shards / "train" / "manifest.json", after=("synth-train",))
+    tests = {}
+    for prefix, fonts in (("", [test_font]), ("same_font_", train_fonts)):  # the same pieces (seed + 1) each time
+        name = "test-unseen-font" if not prefix else "test-train-fonts"
+        runner.run(f"synth-{name}", python("-m", "shards", "synth", data / name, "--train-per-class", 0,
+                                           "--test-files", sizes["test_files"], "--unlabeled", 0, "--seed", seed + 1,
+                                           "--soundfont", *fonts, "--quiet"),
+                   output=data / name, done=data / name / "synth.json", files=tuple(fonts))
+        runner.run(f"pack-{name}", python("-m", "shards", "pack", "irmas-test", data / name / TEST_DIR, shards / name,
+                                          "--quiet"),
+                   output=shards / name, done=shards / name / "manifest.json", after=(f"synth-{name}",))
+        tests[prefix] = shards / name / "test"
+    runs = {}
+    for run_seed in args.seeds:
+        run_dir = out / "finetune" / f"scratch-seed{run_seed}"
+        steps = [f"train.steps={sizes['steps']}", "train.checkpoint_every=2"] if "steps" in sizes else []
+        runner.run(f"finetune-seed{run_seed}", python(
+            "-m", "finetune", recipe, f"data.train={shards / 'train' / 'train'}", f"data.val={shards / 'train' / 'val'}",
+            f"train.seed={run_seed}", *steps, "tracking=none", "resume=auto", f"output_dir={run_dir}"),
+            output=run_dir, done=run_dir / "model" / "finetune.json", after=("pack-train",), files=(recipe,))
+        scores = {}
+        for prefix, test_data in tests.items():
+            stage = f"evaluate-{prefix.replace('_', '-')}seed{run_seed}"
+            report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
+            runner.run(stage, python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
+                       output=report_dir, done=report_dir / "report.json",
+                       after=(f"finetune-seed{run_seed}", f"pack-{'test-train-fonts' if prefix else 'test-unseen-font'}"))
+            report = json.loads((report_dir / "report.json").read_text())
+            scores |= {prefix + key: report[key] for key in SUPERVISED_SCORES}
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+        runs[run_seed] = {**scores, "steps": state["step"], "clips_per_s": state["clips_per_s"],
+                          "seconds": runner.seconds[f"finetune-seed{run_seed}"]}
+    keys = [prefix + key for prefix in tests for key in SUPERVISED_SCORES]
+    scratch = {key: {"mean": float(np.mean([r[key] for r in runs.values()])),
+                     "std": float(np.std([r[key] for r in runs.values()]))} for key in keys}
+    sticks = supervised_yardsticks(shards / "train" / "train", shards / "train" / "val", tests)
+    regression = sticks[REGRESSION]
+    beats = {prefix or "unseen_font_": all(scratch[prefix + key]["mean"] > regression[prefix + key]
+                                           for key in ("macro_f1", "lrap")) for prefix in tests}
+    result = {
+        "table": "supervised", "budget": args.budget, "sizes": sizes, "seed": seed, "test_seed": seed + 1,
+        "seeds": list(args.seeds), "recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
+        "train_soundfonts": [str(font) for font in train_fonts], "test_soundfont": str(test_font),
+        "scratch": scratch, "runs": runs, "yardsticks": sticks, "scratch_beats_regression": beats,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": {name: round(seconds, 1) for name, seconds in runner.seconds.items()},
+        "machine": machine(env), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]), "out": str(out),
+    }
+    write_supervised(result, runner.commands, out / "RESULTS-supervised.md")
+    if args.write_results:
+        write_supervised(result, runner.commands, BENCH / "RESULTS-supervised.md")
+    return result
+
+
+def supervised_yardsticks(train: Path, val: Path, tests: dict[str, Path]) -> dict[str, dict]:
+    """The two yardsticks of `finetune yardsticks` (thresholds on validation mixtures, like the model's)."""
+    rows: dict[str, dict] = {}
+    for prefix, test in tests.items():
+        for name, scores in yardsticks(str(train), str(val), str(test)).items():
+            rows.setdefault(name, {}).update({prefix + key: scores[key] for key in SUPERVISED_SCORES})
+    return rows
+
+
+def write_supervised(result: dict, commands: list[tuple[str, str]], path: Path) -> None:
+    host, out, seeds = result["machine"], result["out"], result["seeds"]
+    columns = [(prefix, key) for prefix in ("", "same_font_") for key in SUPERVISED_SCORES]
+    header = " | ".join(("unseen font " if not prefix else "training fonts ") + key.replace("_", " ")
+                        for prefix, key in columns)
+    lines = [
+        "# Supervised table: a scratch ViT against the yardsticks", "",
+        f"Generated by `bench/quality.py --table supervised --budget {result['budget']}` on {result['date']}. "
+        f"`{result['recipe']}` (no pretraining) trained on {result['sizes']['per_class']} clips per class rendered "
+        f"with {', '.join(Path(f).name for f in result['train_soundfonts'])} (one font drawn per clip, "
+        f"{int(VAL_FRACTION * 100)}% of the songs held out for validation and thresholds), one run per seed "
+        f"({', '.join(map(str, seeds))}); tested on {result['sizes']['test_files']} polyphonic files rendered with "
+        f"{Path(result['test_soundfont']).name}, a font the training never heard, and on the same pieces rendered "
+        "with the training fonts.", "",
+        f"| model | {header} |", "|---|" + "---|" * len(columns),
+        f"| scratch ViT, mean +- std of {len(seeds)} | " + " | ".join(
+            f"{result['scratch'][p + k]['mean']:.3f} +- {result['scratch'][p + k]['std']:.3f}" for p, k in columns) + " |",
+    ]
+    lines += [f"| scratch ViT, seed {s} | " + " | ".join(f"{run[p + k]:.3f}" for p, k in columns) + " |"
+              for s, run in result["runs"].items()]
+    lines += [f"| *{name}* | " + " | ".join(f"{row[p + k]:.3f}" for p, k in columns) + " |"
+              for name, row in result["yardsticks"].items()]
+    beats = result["scratch_beats_regression"]
+    lines += ["", "Scratch ViT above the log-mel regression on macro F1 and LRAP (means): unseen font "
+              f"**{'yes' if beats['unseen_font_'] else 'no'}**, training fonts "
+              f"**{'yes' if beats['same_font_'] else 'no'}**.", "",
+              f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} "
+              f"(OMP_NUM_THREADS={host['omp_num_threads'] or 'unset'}), Python {host['python']}.",
+              "- Fine-tuning: " + ", ".join(f"seed {s}: {r['steps']} steps, {r['clips_per_s']:.0f} clips/s, "
+                                            f"{r['seconds'] / 60:.1f} min" for s, r in result["runs"].items()) + ".",
+              "", "## Commands", "", "```", result["command"].replace(sys.executable, "python"), "```", "",
+              f"Each step, as run (OUT = `{out}`):", "", "```"]
+    lines += [f"# {name}\n{shown.replace(out, 'OUT').replace(sys.executable, 'python')}" for name, shown in commands]
+    lines += ["```", "", "## Stage wall times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in result["stage_seconds"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
 # --- Results ---------------------------------------------------------------------------------
 
 
@@ -507,7 +647,14 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out/quality", help="working folder (default bench/out/quality)")
+    parser.add_argument("--table", choices=("pretraining", "supervised"), default="pretraining",
+                        help="pretraining (default): scratch vs each objective; supervised: the shipped CPU recipe "
+                        "from scratch over several seeds against the yardsticks, unseen-font and same-font")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="supervised table: run seeds")
+    parser.add_argument("--train-soundfonts", nargs="+", default=[str(f) for f in DEMO_TRAIN_FONTS],
+                        help="supervised table: training fonts (default: the demo's three)")
+    parser.add_argument("--out", default=None, help="working folder (default bench/out/quality or "
+                        "bench/out/quality-supervised)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="tiny: minutes, checks the pipeline; full (default): the benchmark, < 90 min on 2 cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training data and runs; test data uses +1")
@@ -526,7 +673,8 @@ def main() -> int:
                         "timbres are never heard; both: add half as much unlabeled music rendered with the test "
                         "SoundFont (other pieces and seed than the test set), as when users pretrain on their own "
                         "collection")
-    parser.add_argument("--finetune-recipe", default=str(RECIPES / "finetune" / "fluffy-tiny-synth.yaml"))
+    parser.add_argument("--finetune-recipe", default=None, help="default recipes/finetune/fluffy-tiny-synth.yaml "
+                        "(supervised table: recipes/finetune/cpu-synth.yaml)")
     parser.add_argument("--probe-recipe", default=str(RECIPES / "finetune" / "probe.yaml"))
     parser.add_argument("--train-soundfont", default=str(FLUIDR3), help=f"default {FLUIDR3}")
     parser.add_argument("--test-soundfont", default=str(bundled_soundfont()),
@@ -537,14 +685,23 @@ def main() -> int:
     parser.add_argument("--write-results", action="store_true",
                         help="also write bench/RESULTS.md and its plot (default: only under --out)")
     args = parser.parse_args()
+    supervised = args.table == "supervised"
+    args.out = args.out or f"bench/out/quality{'-supervised' if supervised else ''}"
+    args.finetune_recipe = args.finetune_recipe or str(RECIPES / "finetune" / (
+        "cpu-synth.yaml" if supervised else "fluffy-tiny-synth.yaml"))
     for option in ("finetune_recipe", "probe_recipe", "train_soundfont", "test_soundfont", "notes"):
         value = getattr(args, option)
         if value is not None and not Path(value).is_file():
             raise UserError(f"{value}: not found; pass an existing file as --{option.replace('_', '-')}")
     if any(n <= 0 for n in args.labelled_per_class or []):
         raise UserError("--labelled-per-class: counts must be positive")
-    result = run_bench(args)
-    print(json.dumps(result, indent=1))
+    if supervised:
+        for font in args.train_soundfonts:
+            if not Path(font).is_file():
+                raise UserError(f"{font}: not found; install the demo's fonts (make system-deps) or pass "
+                                "--train-soundfonts")
+    result = run_supervised(args) if supervised else run_bench(args)
+    print(json.dumps(result, indent=1, default=str))
     return 0
 
 
