@@ -1,4 +1,4 @@
-"""`python -m finetune RECIPE.yaml [key=value ...]`, `... evaluate`, `... predict`, `... embed`."""
+"""`python -m finetune RECIPE.yaml [key=value ...]`, `... evaluate`, `... predict`, `... serve`, `... embed`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from shards.errors import run_cli
 USAGE = """usage:
   python -m finetune RECIPE.yaml [backbone=PATH_OR_HUB_ID] [key=value ...]   fine-tune (under accelerate launch too)
   python -m finetune evaluate MODEL DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]
-  python -m finetune predict MODEL FILE... [--timeline] [--hop-seconds S]
+  python -m finetune predict MODEL FILE_OR_FOLDER... [--timeline] [--out predictions.jsonl]
+  python -m finetune serve MODEL [--host 127.0.0.1] [--port 8000] [--max-seconds N]
   python -m finetune embed MODEL DATA --out FILE.png [--method tsne|pca]
   python -m finetune yardsticks TRAIN_SHARDS VAL_SHARDS TEST_DATA [--out FILE.json]
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int | None:
         from finetune.yardsticks import main as yardsticks_main
 
         return yardsticks_main(argv[1:])
+    if argv[0] == "serve":
+        from finetune.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv[0] == "predict":
         from finetune.predict import main as predict_main
 

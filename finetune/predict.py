@@ -6,6 +6,7 @@ an `error` (one line, from `shards.audio`) and the others still get answers; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,8 @@ import numpy as np
 
 from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
-from shards.errors import ArgumentParser
+from shards.errors import ArgumentParser, output_file
+from shards.progress import progress_bar
 from shards.sources import audio_files
 from shards.vocab import INSTRUMENT_NAMES
 
@@ -72,23 +74,56 @@ def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, 
 
 
 def main(argv: list[str]) -> int:
-    """Name the instruments in audio files of any length."""
+    """Name the instruments in audio files of any length: files, folders (recursively) or a whole collection."""
     parser = ArgumentParser(prog="python -m finetune predict", description=main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...) or folders of them")
     parser.add_argument("--timeline", action="store_true", help="also give every window's probabilities")
+    parser.add_argument("--out", default=None, metavar="FILE.jsonl",
+                        help="write the answers here, one JSON line per file, with a progress bar; a rerun skips the "
+                        "files already answered in it (default: stdout)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
     files = [str(file) for name in args.files for file in (audio_files(name) if Path(name).is_dir() else [name])]
+    out = output_file(args.out) if args.out else None
+    earlier = _answered(out) if out else set()
+    todo = [name for name in files if name not in earlier]
     model = load_model(args.model, precision=args.precision)
     failed = []
-    for answer in predict(model, files, timeline=args.timeline, aggregate=args.aggregate,
-                          hop_seconds=args.hop_seconds, batch_size=args.batch_size):
-        print(json.dumps(answer), flush=True)
-        if "error" in answer:
-            failed.append(answer["file"])
+    with open(out, "a") if out else contextlib.nullcontext(sys.stdout) as sink:
+        bar = progress_bar(total=len(todo), desc="predict", unit="file", enabled=out is not None)
+        for answer in predict(model, todo, timeline=args.timeline, aggregate=args.aggregate,
+                              hop_seconds=args.hop_seconds, batch_size=args.batch_size):
+            sink.write(json.dumps(answer) + "\n")
+            sink.flush()
+            bar.update()
+            if "error" in answer:
+                failed.append(answer["file"])
+        bar.close()
+    if out:
+        print(f"{out}: {len(files)} inputs = {len(todo) - len(failed)} answered + {len(failed)} unreadable + "
+              f"{len(files) - len(todo)} answered by an earlier run", file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} of {len(files)} files could not be read: "
-              f"{', '.join(Path(name).name for name in failed)} (see their \"error\" objects)", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(todo)} files could not be read: "
+              f"{', '.join(Path(name).name for name in failed[:10])}{' ...' if len(failed) > 10 else ''} "
+              "(see their \"error\" objects)", file=sys.stderr)
         return 1
     return 0
+
+
+def _answered(out: Path) -> set[str]:
+    """Files already answered in `out`; a last line cut short by an interrupted run is dropped from the file."""
+    if not out.is_file():
+        return set()
+    answered, keep = set(), 0
+    with open(out, "rb") as handle:
+        for line in handle:
+            try:
+                answered.add(json.loads(line)["file"])
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(line)
+    if keep != out.stat().st_size:
+        with open(out, "r+b") as handle:
+            handle.truncate(keep)
+    return answered

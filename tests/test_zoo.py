@@ -212,3 +212,29 @@ def test_every_command_answers_help_and_version(main, argv, capsys):
         assert exit_info.value.code == 0, flag
         out = capsys.readouterr().out
         assert ("usage:" in out) if flag == "--help" else ("(timbre " in out), (argv, flag, out)
+
+
+def test_predict_a_collection_to_jsonl_resumes_and_accounts_for_every_input(zoo, capsys):
+    folder = zoo["root"] / "library"
+    (folder / "live").mkdir(parents=True)
+    for name in ("a.wav", "live/b.flac", "c.wav"):
+        sf.write(folder / name, np.random.default_rng(1).uniform(-0.1, 0.1, 20000).astype(np.float32), 16000)
+    (folder / "live" / "broken.wav").write_text("<html>not audio</html>\n" * 20)
+    out = zoo["root"] / "tags" / "predictions.jsonl"
+
+    def run() -> tuple[int, list[dict], str]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: finetune_main(["predict", str(zoo["model"]), str(folder), "--out", str(out)]))
+        return exit_info.value.code, [json.loads(line) for line in out.read_text().splitlines()], capsys.readouterr().err
+
+    code, lines, err = run()
+    assert code == 1 and len(lines) == 4
+    assert {Path(line["file"]).name for line in lines if "error" in line} == {"broken.wav"}
+    assert "4 inputs = 3 answered + 1 unreadable + 0 answered by an earlier run" in err
+    first = out.read_bytes()
+    code, lines, err = run()  # nothing left to do
+    assert code == 0 and out.read_bytes() == first and "4 answered by an earlier run" in err
+    out.write_bytes(first.rsplit(b"\n", 2)[0] + b"\n" + b'{"file": "' + str(folder).encode())  # killed mid-line
+    code, lines, err = run()
+    assert [line["file"] for line in lines] == [json.loads(line)["file"] for line in first.splitlines()]
+    assert "0 answered + 1 unreadable + 3 answered by an earlier run" in err  # the cut line was broken.wav's
