@@ -166,6 +166,15 @@ class Runner:
         self.seconds[name], self.runs[name] = seconds, run
 
 
+def stages(args: argparse.Namespace) -> tuple[Path, dict[str, str], Runner]:
+    """The working folder, the steps' environment (offline; --threads as OMP_NUM_THREADS) and their Runner."""
+    out = Path(args.out).resolve()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return out, env, Runner(out=out, env=env)
+
+
 def python(*args: object) -> list[str]:
     return [sys.executable, *map(str, args)]
 
@@ -265,11 +274,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     for objective in objectives:
         if objective not in OBJECTIVES:
             raise UserError(f"--objectives: unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
-    out = Path(args.out).resolve()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    runner = Runner(out=out, env=env)
+    out, env, runner = stages(args)
     started = time.perf_counter()
     data, shards = out / "data", out / "shards"
     main_n = budget.labelled_per_class[-1]
@@ -428,11 +433,7 @@ SUPERVISED_SCORES = YARDSTICK_SCORES
 def run_supervised(args: argparse.Namespace) -> dict:
     """Scratch ViT (the shipped CPU recipe, one run per seed) against the yardsticks, unseen-font and same-font."""
     sizes = SUPERVISED_SIZES[args.budget]
-    out = Path(args.out).resolve()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    runner = Runner(out=out, env=env)
+    out, env, runner = stages(args)
     started = time.perf_counter()
     data, shards, seed = out / "data", out / "shards", args.seed
     train_fonts = [Path(font).resolve() for font in args.train_soundfonts]
