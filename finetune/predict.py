@@ -1,22 +1,27 @@
-"""`python -m finetune predict MODEL FILE... [--timeline]`: one JSON object per file on stdout.
+"""`python -m finetune predict MODEL FILE_OR_FOLDER_OR_SHARDS... [--timeline] [--out FILE.jsonl]`.
 
-Any length, sample rate, channel count and format that soundfile reads. A file that cannot be read gets an object with
-an `error` (one line, from `shards.audio`) and the others still get answers; the exit status is 1 when any failed.
+One JSON object per file, on stdout or, with --out, appended to a JSON-lines file that a rerun resumes. Any length,
+sample rate, channel count and format that soundfile reads; folders are searched recursively. A file that cannot be
+read gets an object with an `error` (one line, from `shards.audio`) and the others still get answers; the exit
+status is 1 when any failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
 from shards.errors import ArgumentParser, output_file
+from shards.loader import eval_samples, sample_count
 from shards.progress import progress_bar
 from shards.sources import audio_files
 from shards.vocab import INSTRUMENT_NAMES
@@ -48,16 +53,22 @@ def describe(model: FinetunedModel, name: str, result: FileResult, *, aggregate:
     return answer
 
 
-def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, aggregate: str | None = None,
-            hop_seconds: float | None = None, batch_size: int = 32) -> Iterator[dict]:
-    """Answers in input order, as soon as each is ready; unreadable files get {"file", "error"}."""
+def predict(model: FinetunedModel, files: Iterable[str | tuple[str, torch.Tensor]], *, timeline: bool = False,
+            aggregate: str | None = None, hop_seconds: float | None = None, batch_size: int = 32) -> Iterator[dict]:
+    """Answers in input order, as soon as each is ready; unreadable files get {"file", "error"}.
+
+    An entry is a file name, or (name, mono audio at the model's rate) for audio decoded already (shard samples).
+    """
     aggregate = aggregate or model.info.aggregate
     errors: dict[int, str] = {}
+    names: list[str] = []
 
     def readable():
-        for index, name in enumerate(files):
+        for index, entry in enumerate(files):
+            name, audio = (entry, None) if isinstance(entry, str) else entry
+            names.append(name)
             try:
-                yield index, read_audio(name, model.info.sample_rate)
+                yield index, audio if audio is not None else read_audio(name, model.info.sample_rate)
             except BadAudio as error:
                 errors[index] = str(error)
             except OSError as error:
@@ -66,45 +77,65 @@ def predict(model: FinetunedModel, files: list[str], *, timeline: bool = False, 
     done = 0  # infer yields in input order, so every file before `index` that it skipped has failed
     for index, result in infer(model, readable(), hop_seconds=hop_seconds, batch_size=batch_size):
         for failed in range(done, index):
-            yield {"file": files[failed], "error": errors[failed]}
-        yield describe(model, files[index], result, aggregate=aggregate, timeline=timeline)
+            yield {"file": names[failed], "error": errors[failed]}
+        yield describe(model, names[index], result, aggregate=aggregate, timeline=timeline)
         done = index + 1
-    for failed in range(done, len(files)):
-        yield {"file": files[failed], "error": errors[failed]}
+    for failed in range(done, len(names)):
+        yield {"file": names[failed], "error": errors[failed]}
+
+
+def is_shards(name: str) -> bool:
+    """Shards rather than audio: a .tar file, or a folder holding .tar files."""
+    path = Path(name)
+    return path.suffix == ".tar" or (path.is_dir() and any(path.rglob("*.tar")))
+
+
+def shard_entries(spec: str, sample_rate: int, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(SPEC#KEY, audio) of every sample in the shards of `spec` not named in `skip`."""
+    for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate):
+        name = f"{spec}#{sample['key']}"
+        if name not in skip:
+            yield name, sample["audio"]
 
 
 def main(argv: list[str]) -> int:
     """Name the instruments in audio files of any length: files, folders (recursively) or a whole collection."""
     parser = ArgumentParser(prog="python -m finetune predict", description=main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
-    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...) or folders of them")
+    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, aiff, ...), folders of them, or "
+                        "shards (a .tar or a shard folder; answers are named SHARDS#KEY)")
     parser.add_argument("--timeline", action="store_true", help="also give every window's probabilities")
     parser.add_argument("--out", default=None, metavar="FILE.jsonl",
                         help="write the answers here, one JSON line per file, with a progress bar; a rerun skips the "
                         "files already answered in it (default: stdout)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
-    files = [str(file) for name in args.files for file in (audio_files(name) if Path(name).is_dir() else [name])]
+    shards = [name for name in args.files if is_shards(name)]
+    files = [str(file) for name in args.files if name not in shards
+             for file in (audio_files(name) if Path(name).is_dir() else [name])]
     out = output_file(args.out) if args.out else None
     earlier = _answered(out) if out else set()
     todo = [name for name in files if name not in earlier]
+    inputs = len(files) + sum(sample_count(spec) for spec in shards)
     model = load_model(args.model, precision=args.precision)
-    failed = []
+    entries = itertools.chain(todo, *(shard_entries(spec, model.info.sample_rate, earlier) for spec in shards))
+    failed, answered = [], 0
     with open(out, "a") if out else contextlib.nullcontext(sys.stdout) as sink:
-        bar = progress_bar(total=len(todo), desc="predict", unit="file", enabled=out is not None)
-        for answer in predict(model, todo, timeline=args.timeline, aggregate=args.aggregate,
+        bar = progress_bar(total=inputs - len(earlier), desc="predict", unit="file", enabled=out is not None)
+        for answer in predict(model, entries, timeline=args.timeline, aggregate=args.aggregate,
                               hop_seconds=args.hop_seconds, batch_size=args.batch_size):
             sink.write(json.dumps(answer) + "\n")
             sink.flush()
             bar.update()
+            answered += 1
             if "error" in answer:
                 failed.append(answer["file"])
         bar.close()
     if out:
-        print(f"{out}: {len(files)} inputs = {len(todo) - len(failed)} answered + {len(failed)} unreadable + "
-              f"{len(files) - len(todo)} answered by an earlier run", file=sys.stderr)
+        print(f"{out}: {inputs} inputs = {answered - len(failed)} answered + {len(failed)} unreadable + "
+              f"{inputs - answered} answered by an earlier run", file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} of {len(todo)} files could not be read: "
+        print(f"error: {len(failed)} of {answered} files could not be read: "
               f"{', '.join(Path(name).name for name in failed[:10])}{' ...' if len(failed) > 10 else ''} "
               "(see their \"error\" objects)", file=sys.stderr)
         return 1

@@ -238,3 +238,15 @@ def test_predict_a_collection_to_jsonl_resumes_and_accounts_for_every_input(zoo,
     code, lines, err = run()
     assert [line["file"] for line in lines] == [json.loads(line)["file"] for line in first.splitlines()]
     assert "0 answered + 1 unreadable + 3 answered by an earlier run" in err  # the cut line was broken.wav's
+
+
+def test_predict_reads_shards_and_names_each_sample(zoo, capsys):
+    out = zoo["root"] / "tags" / "val.jsonl"
+    spec = str(zoo["shards"] / "val")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: finetune_main(["predict", str(zoo["model"]), spec, "--out", str(out)]))
+    assert exit_info.value.code == 0
+    names = [json.loads(line)["file"] for line in out.read_text().splitlines()]
+    manifest = json.loads((zoo["shards"] / "manifest.json").read_text())
+    assert len(names) == manifest["splits"]["val"]["samples"] and all(name.startswith(f"{spec}#") for name in names)
+    assert f"{len(names)} inputs = {len(names)} answered + 0 unreadable" in capsys.readouterr().err
