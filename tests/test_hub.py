@@ -22,6 +22,7 @@ from pretrain.frontend import FrontendConfig, LogMel
 from pretrain.hub import load_backbone, publish, save_pretrained
 from shards.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
 TRANSFORMERS_ONLY = """
@@ -151,8 +152,20 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path: Path, exported) -> None
     save_file({}, deeper / "model.safetensors")
     with pytest.raises(UserError, match="weights do not match config.json"):
         load_backbone(str(deeper))
-    with pytest.raises(UserError, match="not in the Hub cache while offline"):
+    with pytest.raises(UserError, match="not in the Hub cache, and HF_HUB_OFFLINE is set; unset it"):
         load_backbone("timbre-tests/not-a-cached-model")
+
+
+def test_a_hub_id_without_network_says_so_not_offline_mode(tmp_path) -> None:
+    """HF_HUB_OFFLINE unset and the Hub unreachable (a closed loopback port as the endpoint)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "pretrain", "embed", "nobody/nothing-here", str(tmp_path / "a.wav"),
+                             "--out", str(tmp_path / "x.npz")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "the Hugging Face Hub cannot be reached (no network?)" in result.stderr
+    assert "HF_HUB_OFFLINE" not in result.stderr
 
 
 def test_publish_makes_one_commit_of_the_folder(exported, monkeypatch) -> None:
