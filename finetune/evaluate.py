@@ -21,7 +21,7 @@ from finetune.model import (AGGREGATES, FinetunedModel, FileResult, add_inferenc
                             read_audio)
 from shards.audio import BadAudio
 from shards.errors import ArgumentParser, UserError, output_file, output_folder
-from shards.loader import eval_samples
+from shards.loader import eval_samples, is_shard_spec
 from shards.progress import progress_bar
 from shards.sources import scan
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
@@ -40,8 +40,7 @@ class Item:
 
 def is_folder_source(data: str) -> bool:
     """A directory without shards in it is an audio folder (IRMAS test layout); anything else is shards."""
-    path = Path(data)
-    return path.is_dir() and not any(path.rglob("*.tar"))
+    return Path(data).is_dir() and not is_shard_spec(data)
 
 
 def load_data(data: str, *, sample_rate: int, skipped: list[dict]) -> Iterator[tuple[Item, "np.ndarray"]]:

@@ -21,7 +21,7 @@ import torch
 from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
 from shards.errors import ArgumentParser, output_file
-from shards.loader import eval_samples, sample_count
+from shards.loader import eval_samples, is_shard_spec, sample_count
 from shards.progress import progress_bar
 from shards.sources import audio_files
 from shards.vocab import INSTRUMENT_NAMES
@@ -84,12 +84,6 @@ def predict(model: FinetunedModel, files: Iterable[str | tuple[str, torch.Tensor
         yield {"file": names[failed], "error": errors[failed]}
 
 
-def is_shards(name: str) -> bool:
-    """Shards rather than audio: a .tar file, or a folder holding .tar files."""
-    path = Path(name)
-    return path.suffix == ".tar" or (path.is_dir() and any(path.rglob("*.tar")))
-
-
 def shard_entries(spec: str, sample_rate: int, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(SPEC#KEY, audio) of every sample in the shards of `spec` not named in `skip`."""
     for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate):
@@ -110,7 +104,7 @@ def main(argv: list[str]) -> int:
                         "files already answered in it (default: stdout)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
-    shards = [name for name in args.files if is_shards(name)]
+    shards = [name for name in args.files if is_shard_spec(name)]
     files = [str(file) for name in args.files if name not in shards
              for file in (audio_files(name) if Path(name).is_dir() else [name])]
     out = output_file(args.out) if args.out else None

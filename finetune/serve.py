@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from finetune.model import FileResult, FinetunedModel, infer, load_model, read_audio
 from finetune.predict import describe
+from pretrain.embed import window_starts
 from shards.audio import BadAudio
 from shards.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
 
@@ -82,7 +83,7 @@ class MicroBatcher:
 
     async def submit(self, audio: torch.Tensor) -> FileResult:
         future = asyncio.get_running_loop().create_future()
-        windows = max(1, 1 + (audio.shape[-1] - self.model.window) // self.model.hop(None))
+        windows = len(window_starts(audio.shape[-1], self.model.window, self.model.hop(None)))
         await self.queue.put(_Job(audio=audio, future=future, windows=windows))
         return await future
 

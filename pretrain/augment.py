@@ -99,9 +99,9 @@ class WaveAugment(nn.Module):
         rt60 = torch.empty(count, 1, device=audio.device).uniform_(*RT60_S)
         tail = torch.randn(count, length, device=audio.device) * torch.exp(-math.log(1000.0) * time / rt60)
         tail = tail / tail.norm(dim=-1, keepdim=True)
-        wet = fftconvolve(audio[chosen], tail)[:, : audio.shape[-1]]
-        level = 10 ** (torch.empty(count, 1, device=audio.device).uniform_(*WET_DB) / 20)
         dry = audio[chosen]
+        wet = fftconvolve(dry, tail)[:, : audio.shape[-1]]
+        level = 10 ** (torch.empty(count, 1, device=audio.device).uniform_(*WET_DB) / 20)
         mixed = dry + level * wet * (_rms(dry) / _rms(wet))
         out = audio.clone()
         out[chosen] = mixed * (_rms(dry) / _rms(mixed))

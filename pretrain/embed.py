@@ -28,7 +28,7 @@ from pretrain.frontend import LogMel
 from pretrain.hub import load_backbone
 from shards.audio import BadAudio, convert, read_segments
 from shards.errors import ArgumentParser, UserError, output_file, positive_float, positive_int
-from shards.loader import eval_samples, shard_urls
+from shards.loader import eval_samples, is_shard_spec, shard_urls
 from shards.progress import progress_bar
 from shards.sources import audio_files
 
@@ -49,7 +49,7 @@ def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[t
         path = Path(given)
         if not path.exists() and "://" not in given and not given.startswith("pipe:"):
             raise UserError(f"{given}: no such file or folder; pass audio files, folders of audio or shards")
-        if path.suffix == ".tar" or (path.is_dir() and any(path.rglob("*.tar"))) or not path.exists():
+        if is_shard_spec(path) or not path.exists():
             for sample in eval_samples(shard_urls(given), rank=0, world_size=1, sample_rate=sample_rate):
                 yield sample["key"], torch.as_tensor(sample["audio"], dtype=torch.float32)
         elif path.is_dir():
@@ -157,7 +157,7 @@ def embed(backbone: Backbone, paths: list[str], *, window_seconds: float | None 
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m pretrain embed",
-                                     description="Clip embeddings of audio files or shards, keyed by file.")
+                            description="Clip embeddings of audio files or shards, keyed by file.")
     parser.add_argument("backbone", help="backbone folder or Hub id (Timbre export or any AST checkpoint)")
     parser.add_argument("inputs", nargs="+", help="audio files, folders of audio, shard files or shard folders")
     parser.add_argument("--out", required=True, help="output .npz file")

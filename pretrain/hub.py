@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from huggingface_hub import CommitOperationAdd, constants, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import Tensor

@@ -323,6 +323,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+NO_RESUME = (None, "", "none", "no")  # recipe values of `resume` that start a fresh run
 RUN_OUTPUTS = ("trainer_state.json", "checkpoints", "model", "backbone")  # what a run writes into output_dir
 
 
@@ -331,7 +332,8 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
     a new run there would overwrite the finished model and mix two runs' checkpoints."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir={output_dir}: is a file, not a folder; pass a folder path for the run")
-    if _resume_path(resume, output_dir / "checkpoints") is not None or resume == "auto":
+    if resume not in NO_RESUME:
+        _resume_path(resume, output_dir / "checkpoints")  # a resume path that is no checkpoint fails here, early
         return
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     if found:
@@ -346,7 +348,7 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
 
 
 def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:
-    if resume in (None, "", "none", "no"):
+    if resume in NO_RESUME:
         return None
     if resume == "auto":
         return latest_checkpoint(checkpoints)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from shards.errors import ArgumentParser, run_cli
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import count, islice
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -118,6 +119,12 @@ def _resolve(fs: fsspec.AbstractFileSystem, path: str, *, shown: str) -> list[st
     if fs.exists(path):
         return [path]
     raise UserError(f"{shown}: no such shard file or directory; {PACK_HINT}")
+
+
+def is_shard_spec(name: str | os.PathLike) -> bool:
+    """Shards rather than audio: a .tar file, or a folder holding .tar files (at any depth)."""
+    path = Path(name)
+    return path.suffix == ".tar" or (path.is_dir() and any(path.rglob("*.tar")))
 
 
 def _is_shard(path: str) -> bool:
