@@ -65,9 +65,9 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) bench/shards.py
+	$(PY) bench/shard_io.py
 	$(PY) bench/backbone.py
-	$(PY) bench/pretrain.py
+	$(PY) bench/pretrain_speed.py
 	$(PY) bench/inference.py
 	$(PY) bench/serve.py
 

@@ -18,22 +18,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# bench/shards.py is named like the package: keep this folder from shadowing `shards` (imported by pretrain).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+import transformers
+from transformers import ASTModel
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import ASTModel  # noqa: E402
-
-from pretrain.backbone import Backbone, BackboneConfig  # noqa: E402
-from pretrain.hub import save_pretrained  # noqa: E402
-from pretrain.trainer import keep_freed_memory  # noqa: E402
+from core.trainer import keep_freed_memory
+from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.hub import save_pretrained
 
 CLIP_FRAMES = 298  # 3 s at 16 kHz
 

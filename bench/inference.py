@@ -15,18 +15,14 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
-# bench/pretrain.py would shadow the `pretrain` package when this script's folder leads sys.path
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from finetune.heads import HeadConfig  # noqa: E402
-from finetune.model import Classifier, FinetunedModel, cut_windows, infer, load_model  # noqa: E402
-from finetune.train import FinetuneRecipe, build_classifier, model_info  # noqa: E402
+from finetune.heads import HeadConfig
+from finetune.model import Classifier, FinetunedModel, cut_windows, infer, load_model
+from finetune.train import FinetuneRecipe, build_classifier, model_info
 
 
 def stand_in() -> FinetunedModel:

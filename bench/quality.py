@@ -52,22 +52,19 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-# bench/shards.py and bench/pretrain.py are named like the packages: drop this folder from the path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from finetune.metrics import multilabel_metrics, tune_thresholds  # noqa: E402
-from finetune.model import cut_windows  # noqa: E402
-from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES  # noqa: E402
-from finetune.yardsticks import REGRESSION, yardsticks  # noqa: E402
-from pretrain.frontend import LogMel  # noqa: E402
-from shards.errors import UserError, run_cli  # noqa: E402
-from shards.loader import eval_samples  # noqa: E402
-from shards.sources import TRAIN_DIR, scan  # noqa: E402
-from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont  # noqa: E402
-from shards.vocab import INSTRUMENTS  # noqa: E402
+from core.errors import UserError, run_cli
+from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.model import cut_windows
+from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES
+from finetune.yardsticks import REGRESSION, yardsticks
+from pretrain.frontend import LogMel
+from shards.loader import eval_samples
+from shards.sources import TRAIN_DIR, scan
+from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont
+from shards.vocab import INSTRUMENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -24,16 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/shards.py and bench/pretrain.py are named like the packages: drop this folder from the path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import httpx
+import numpy as np
+import soundfile as sf
+import torch
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import soundfile as sf  # noqa: E402
-import torch  # noqa: E402
-
-from finetune.model import save_model  # noqa: E402
-from finetune.train import FinetuneRecipe, build_classifier, model_info  # noqa: E402
+from finetune.model import save_model
+from finetune.train import FinetuneRecipe, build_classifier, model_info
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = (1, 4, 16)

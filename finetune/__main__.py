@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shards.errors import run_cli
+from core.errors import run_cli
 
 USAGE = """usage:
   python -m finetune RECIPE.yaml [backbone=PATH_OR_HUB_ID] [key=value ...]   fine-tune (under accelerate launch too)

@@ -20,9 +20,9 @@ from finetune.metrics import multilabel_metrics
 from finetune.model import (AGGREGATES, FinetunedModel, FileResult, add_inference_options, infer, load_model,
                             read_audio)
 from shards.audio import BadAudio
-from shards.errors import ArgumentParser, UserError, output_file, output_folder
+from core.errors import ArgumentParser, UserError, output_file, output_folder
 from shards.loader import eval_samples, is_shard_spec
-from shards.progress import progress_bar
+from core.progress import progress_bar
 from shards.sources import scan
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
 

@@ -38,7 +38,7 @@ from pretrain.embed import window_starts
 from pretrain.frontend import LogMel, SpecAugment
 from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
 from shards.audio import convert, read_segments
-from shards.errors import UserError, positive_float, positive_int
+from core.errors import UserError, positive_float, positive_int
 from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"

@@ -20,9 +20,9 @@ import torch
 
 from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
 from shards.audio import BadAudio
-from shards.errors import ArgumentParser, output_file
+from core.errors import ArgumentParser, output_file
 from shards.loader import eval_samples, is_shard_spec, sample_count
-from shards.progress import progress_bar
+from core.progress import progress_bar
 from shards.sources import audio_files
 from shards.vocab import INSTRUMENT_NAMES
 

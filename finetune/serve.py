@@ -40,7 +40,7 @@ from finetune.model import FileResult, FinetunedModel, infer, load_model, read_a
 from finetune.predict import describe
 from pretrain.embed import window_starts
 from shards.audio import BadAudio
-from shards.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
+from core.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
 
 PAGE = Path(__file__).with_name("serve.html")
 UPLOAD_TYPES = ("audio/", "application/octet-stream", "video/ogg")  # what browsers and curl send for audio files

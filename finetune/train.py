@@ -1,7 +1,7 @@
 """`python -m finetune RECIPE.yaml [key=value ...]` (also under `accelerate launch -m finetune ...`).
 
 Builds the classifier (a pretrained or from-scratch backbone, the chosen head and adaptation), streams mixed IRMAS-train
-clips (2-3 clips summed with their labels unioned, SpecAugment, random gain) through `pretrain.trainer.train`, and
+clips (2-3 clips summed with their labels unioned, SpecAugment, random gain) through `core.trainer.train`, and
 exports `<output_dir>/model/` at every checkpoint and at the end, with per-instrument thresholds tuned on `data.val`.
 """
 
@@ -27,9 +27,9 @@ from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, SpecAugment
 from pretrain.hub import load_backbone
-from pretrain.recipe import load_recipe, to_dict
-from pretrain.trainer import TrainConfig, check_output_dir, train
-from shards.errors import ArgumentParser, UserError
+from core.recipe import load_recipe, to_dict
+from core.trainer import TrainConfig, check_output_dir, train
+from core.errors import ArgumentParser, UserError
 from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
 

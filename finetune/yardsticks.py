@@ -23,7 +23,7 @@ import torch
 from finetune.metrics import multilabel_metrics, tune_thresholds
 from finetune.model import cut_windows
 from pretrain.frontend import LogMel
-from shards.errors import ArgumentParser, UserError, output_file, positive_float
+from core.errors import ArgumentParser, UserError, output_file, positive_float
 from shards.loader import eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shards.errors import ArgumentParser, run_cli
+from core.errors import ArgumentParser, run_cli
 
 USAGE = """usage:
   python -m pretrain RECIPE.yaml [key=value ...]        pretrain a backbone (under accelerate launch too)

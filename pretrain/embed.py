@@ -27,9 +27,9 @@ from pretrain.backbone import Backbone
 from pretrain.frontend import LogMel
 from pretrain.hub import load_backbone
 from shards.audio import BadAudio, convert, read_segments
-from shards.errors import ArgumentParser, UserError, output_file, positive_float, positive_int
+from core.errors import ArgumentParser, UserError, output_file, positive_float, positive_int
 from shards.loader import eval_samples, is_shard_spec, shard_urls
-from shards.progress import progress_bar
+from core.progress import progress_bar
 from shards.sources import audio_files
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig
-from shards.errors import UserError
+from core.errors import UserError
 
 MODEL_TYPE = "audio-spectrogram-transformer"
 CLASSIFIER_PREFIX = "audio_spectrogram_transformer."

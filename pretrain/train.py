@@ -8,7 +8,7 @@ A recipe is plain YAML read into `PretrainRecipe`:
     model:       size (tiny | small | base) and optional hidden_size, num_layers, num_heads, intermediate_size,
                  patch_size, dropout; max_frames is derived from data.clip_seconds
     objectives:  mae / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
-    train:       pretrain.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
+    train:       core.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
     tracking:    none | wandb | tensorboard        run_name, output_dir, resume (null | auto | checkpoint dir)
 
 The backbone is written in the Hub format (`pretrain.hub.save_pretrained`) to `<output_dir>/backbone/` at every
@@ -30,9 +30,9 @@ from pretrain.backbone import BackboneConfig
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
-from pretrain.recipe import load_recipe, to_dict
-from pretrain.trainer import TRACKERS, TrainConfig, train
-from shards.errors import ArgumentParser, UserError
+from core.recipe import load_recipe, to_dict
+from core.trainer import TRACKERS, TrainConfig, train
+from core.errors import ArgumentParser, UserError
 from shards.loader import shard_urls, train_batches
 
 DEMO_SHARDS = ["demo/shards/unlabeled/train", "demo/shards/irmas-train/train"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shards.errors import ArgumentParser, run_cli
+from core.errors import ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ from einops import rearrange
 
 from shards import vocab
 from shards.audio import convert
-from shards.errors import UserError
+from core.errors import UserError
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"

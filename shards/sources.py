@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.errors import UserError
+from core.errors import UserError
 from shards.vocab import DRUMS, UnknownLabel, genre_index, instrument_index, parse_instruments
 
 SOURCES: tuple[str, ...] = ("irmas-train", "irmas-test", "folder", "csv")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-from shards.errors import UserError
+from core.errors import UserError
 from shards.sources import Record
 from shards.vocab import GENRES, NUM_INSTRUMENTS, genre_index, multi_hot
 

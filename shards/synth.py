@@ -42,8 +42,8 @@ import mido
 import numpy as np
 import soundfile as sf
 
-from shards.errors import UserError, non_negative_int, output_folder, positive_int
-from shards.progress import progress_bar
+from core.errors import UserError, non_negative_int, output_folder, positive_int
+from core.progress import progress_bar
 from shards.sources import TRAIN_DIR
 from shards.vocab import DRUMS, GENRE_NAMES, GENRES, INSTRUMENT_NAMES, INSTRUMENTS
 

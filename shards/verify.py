@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from shards.errors import UserError, output_file
+from core.errors import UserError, output_file
 from shards.pack import FORMAT, MANIFEST, TEMP_SUFFIX, sha256
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, INSTRUMENT_NAMES
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shards.errors import environment_problem
+from core.errors import environment_problem
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

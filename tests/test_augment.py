@@ -8,8 +8,8 @@ import torch
 
 from finetune.train import FinetuneRecipe
 from pretrain.augment import WaveAugment, WaveAugmentConfig
-from pretrain.recipe import build
-from shards.errors import UserError
+from core.recipe import build
+from core.errors import UserError
 
 RATE = 16000
 

@@ -19,7 +19,7 @@ from pretrain.embed import embed, main, window_starts
 from pretrain.frontend import LogMel
 from pretrain.hub import save_pretrained
 from shards.audio import decode_flac, encode_flac
-from shards.errors import UserError
+from core.errors import UserError
 
 CLIP = 47920  # samples in 298 frames: the backbone's clip
 

@@ -20,7 +20,7 @@ from pretrain.__main__ import main
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, LogMel
 from pretrain.hub import load_backbone, publish, save_pretrained
-from shards.errors import UserError
+from core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4

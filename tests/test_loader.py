@@ -14,7 +14,7 @@ import webdataset as wds
 
 from irmas_fixtures import make_folder, make_irmas_train
 from shards import vocab
-from shards.errors import UserError
+from core.errors import UserError
 from shards.loader import eval_samples, sample_count, shard_urls, train_batches
 from shards.pack import PackOptions, pack
 

@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from irmas_fixtures import make_folder, make_irmas_train
-from pretrain.recipe import load_recipe
-from pretrain.trainer import latest_checkpoint
+from core.recipe import load_recipe
+from core.trainer import latest_checkpoint
 from pretrain.train import PretrainRecipe
-from shards.errors import UserError
+from core.errors import UserError
 from shards.pack import PackOptions, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ CHECKSUM_SCRIPT = '''
 import hashlib, sys
 from pathlib import Path
 from accelerate import PartialState
-from pretrain.recipe import load_recipe
+from core.recipe import load_recipe
 from pretrain.train import PretrainRecipe, run
 
 recipe = load_recipe(sys.argv[1], sys.argv[3:], PretrainRecipe)
@@ -156,7 +156,7 @@ def test_checkpoint_selection_ignores_half_written_saves(tmp_path):
 
 CHURN_SCRIPT = """
 import resource, torch
-from pretrain.trainer import keep_freed_memory
+from core.trainer import keep_freed_memory
 keep_freed_memory()
 def step():  # like a training step: activations allocated, then all freed
     activations = [torch.ones(2 << 20) for _ in range(16)]  # 8 MiB each

@@ -7,7 +7,7 @@ import re
 import pytest
 from irmas_fixtures import add_bad_inputs, make_csv, make_folder, make_irmas_test, make_irmas_train
 
-from shards.errors import UserError
+from core.errors import UserError
 from shards.sources import make_key, scan
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.errors import UserError
+from core.errors import UserError
 from shards.sources import Record, make_key
 from shards.split import TRAIN, VAL, split_by_song
 from shards.vocab import GENRES, INSTRUMENTS

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from shards import synth
-from shards.errors import UserError
+from core.errors import UserError
 from shards.sources import scan
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, parse_instruments
 

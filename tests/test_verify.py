@@ -10,7 +10,7 @@ import pytest
 from irmas_fixtures import make_irmas_test
 
 from shards.__main__ import main
-from shards.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from shards.pack import MANIFEST, PackOptions, pack
 from shards.verify import load_manifest, plot_classes, stats_table, verify
 

@@ -19,7 +19,7 @@ from pretrain.__main__ import main as pretrain_main
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.hub import save_pretrained
 from shards.__main__ import main as shards_main
-from shards.errors import run_cli
+from core.errors import run_cli
 from shards.pack import PackOptions, pack
 
 

@@ -79,8 +79,8 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from shards.errors import UserError
-from shards.progress import progress_bar
+from core.errors import UserError
+from core.progress import progress_bar
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRACKERS = ("none", "wandb", "tensorboard")

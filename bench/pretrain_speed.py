@@ -11,7 +11,7 @@ only accepts square images) and on the recipes' 3 s input (288 frames x 128 mels
 Timings are the best of several rounds, with every contender in both precisions taking turns, because the
 cores may be shared.
 
-    python bench/pretrain.py [--batch 16] [--steps 4] [--rounds 5] [--size tiny] [--threads N]
+    python bench/pretrain_speed.py [--batch 16] [--steps 4] [--rounds 5] [--size tiny] [--threads N]
 Targets: >= 1.0x ViTMAE in fp32; MAE >= 3x the full-token step; bf16 >= 1.5x fp32.
 """
 
@@ -20,22 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
-# This file is named like the package it measures: drop its own folder from the path so `pretrain` is the package.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from pretrain.backbone import BackboneConfig, patchify, unpatchify  # noqa: E402
-from pretrain.frontend import FrontendConfig  # noqa: E402
-from pretrain.objectives import MAEConfig, ObjectivesConfig, Pretrainer, mask_patches, masked_patch_loss, normalise_patches  # noqa: E402,E501
-from pretrain.trainer import cpu_has_bf16, keep_freed_memory  # noqa: E402
+from core.trainer import cpu_has_bf16, keep_freed_memory
+from pretrain.backbone import BackboneConfig, patchify, unpatchify
+from pretrain.frontend import FrontendConfig
+from pretrain.objectives import (  # noqa: E501
+    MAEConfig,
+    ObjectivesConfig,
+    Pretrainer,
+    mask_patches,
+    masked_patch_loss,
+    normalise_patches,
+)
 
 PATCH = 16
 SQUARE = (256, 256)  # frames, mels: an input both models accept

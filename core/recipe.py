@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from shards.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 

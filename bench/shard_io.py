@@ -11,7 +11,7 @@ Prints one JSON object:
 Inputs are IRMAS-layout 3 s, 44.1 kHz stereo wavs written with numpy + soundfile to a temporary folder.
 Each pack runs in a fresh subprocess so that memory and timing are its own; times exclude interpreter start.
 
-    python bench/shards.py [--small 128] [--shard-size 32] [--batch 32] [--repeats 3]
+    python bench/shard_io.py [--small 128] [--shard-size 32] [--batch 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,17 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# This script is named like the package it measures: keep its own folder from shadowing `shards`.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import psutil
+import soundfile
+import torch
+import torchaudio
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import soundfile  # noqa: E402
-import torch  # noqa: E402
-import torchaudio  # noqa: E402
-
-from shards import vocab  # noqa: E402
-from shards.loader import train_batches  # noqa: E402
+from shards import vocab
+from shards.loader import train_batches
 
 SECONDS, RATE, CHANNELS = 3.0, 44100, 2
 
