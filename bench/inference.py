@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from finetune.heads import HeadConfig
-from finetune.model import Classifier, FinetunedModel, cut_windows, infer, load_model
+from finetune.model import Classifier, FinetunedModel, infer, load_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info
+from pretrain.encoder import cut_windows
 
 
 def stand_in() -> FinetunedModel:

@@ -57,9 +57,9 @@ import torch
 
 from core.errors import UserError, run_cli
 from finetune.metrics import multilabel_metrics, tune_thresholds
-from finetune.model import cut_windows
 from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES
 from finetune.yardsticks import REGRESSION, yardsticks
+from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
 from shards.loader import eval_samples
 from shards.sources import TRAIN_DIR, scan

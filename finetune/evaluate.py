@@ -16,14 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.metrics import multilabel_metrics
-from finetune.model import (AGGREGATES, FinetunedModel, FileResult, add_inference_options, infer, load_model,
-                            read_audio)
-from shards.audio import BadAudio
 from core.errors import ArgumentParser, UserError, output_file, output_folder
-from shards.loader import eval_samples, is_shard_spec
 from core.progress import progress_bar
-from shards.sources import scan
+from finetune.metrics import multilabel_metrics
+from finetune.model import AGGREGATES, FileResult, FinetunedModel, add_inference_options, infer, load_model
+from shards.inputs import labelled_examples
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
 
 HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "roc_auc", "hamming_score", "exact_match")
@@ -38,30 +35,10 @@ class Item:
     genre: int  # index into shards.vocab.GENRES, -1 unknown
 
 
-def is_folder_source(data: str) -> bool:
-    """A directory without shards in it is an audio folder (IRMAS test layout); anything else is shards."""
-    return Path(data).is_dir() and not is_shard_spec(data)
-
-
 def load_data(data: str, *, sample_rate: int, skipped: list[dict]) -> Iterator[tuple[Item, "np.ndarray"]]:
     """(Item, mono audio at `sample_rate`) for every usable file; unusable ones are appended to `skipped`."""
-    if is_folder_source(data):
-        found = scan("irmas-test", data)
-        skipped += [{"path": skip.path, "reason": skip.reason} for skip in found.skips]
-        if not found.records:
-            raise UserError(f"{data}: no labelled audio found; pass an IRMAS test folder (<name>.wav next to "
-                            f"<name>.txt) or a test shard directory")
-        for record in found.records:
-            try:
-                audio = read_audio(record.path, sample_rate)
-            except BadAudio as error:
-                skipped.append({"path": record.relpath, "reason": str(error)})
-                continue
-            yield Item(name=record.relpath, instruments=list(record.instruments), genre=-1), audio
-        return
-    for sample in eval_samples(data, rank=0, world_size=1, sample_rate=sample_rate):
-        name = sample["path"] or sample["key"]
-        yield Item(name=name, instruments=list(sample["instruments"]), genre=sample["genre"]), sample["audio"]
+    for example in labelled_examples(data, sample_rate=sample_rate, skipped=skipped):
+        yield Item(name=example.path or example.key, instruments=example.instruments, genre=example.genre), example.audio
 
 
 def run_model(model: FinetunedModel, data: str, *, hop_seconds: float | None, batch_size: int,

@@ -10,8 +10,16 @@ import warnings
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss, jaccard_score,
-                             label_ranking_average_precision_score, precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    hamming_loss,
+    jaccard_score,
+    label_ranking_average_precision_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 DEFAULT_THRESHOLD = 0.5
 

@@ -31,14 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from core.errors import UserError, positive_float, positive_int
 from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone, scale_grad
 from finetune.heads import Head, HeadConfig
-from pretrain.backbone import Backbone, BackboneOutput
-from pretrain.embed import window_starts
-from pretrain.frontend import LogMel, SpecAugment
+from pretrain.backbone import Backbone
+from pretrain.encoder import AudioEncoder, cut_windows
+from pretrain.frontend import SpecAugment
 from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
-from shards.audio import convert, read_segments
-from core.errors import UserError, positive_float, positive_int
 from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
@@ -46,23 +45,14 @@ AGGREGATES = ("mean", "max")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # inference autocast dtypes
 
 
-class Classifier(nn.Module):
+class Classifier(AudioEncoder):
     """Waveform (B, samples) -> instrument logits (B, classes); log-mel and SpecAugment run inside, on the device."""
 
     def __init__(self, *, backbone: Backbone, head: HeadConfig, classes: int = len(INSTRUMENTS),
                  adapters: nn.ModuleList | None = None, spec_augment: SpecAugment | None = None):
-        super().__init__()
-        self.frontend = LogMel(config=backbone.config.frontend)
-        self.spec_augment = spec_augment
-        self.backbone = backbone
+        super().__init__(backbone=backbone, spec_augment=spec_augment)
         self.adapters = adapters  # run by forward hooks on the backbone's blocks (see finetune.adapters)
         self.head = Head(config=head, dim=backbone.hidden_size, classes=classes, eps=backbone.config.layer_norm_eps)
-
-    def encode(self, audio: Tensor) -> BackboneOutput:
-        features = self.frontend(audio)
-        if self.spec_augment is not None:
-            features = self.spec_augment(features)
-        return self.backbone(features)
 
     def forward(self, audio: Tensor, *, backbone_grad: float = 1.0) -> Tensor:
         """`backbone_grad` 0 during head-only warm-up: the backbone runs but receives zero gradient."""
@@ -216,20 +206,6 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
-
-
-def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """Any file soundfile reads -> mono float32 (samples,) at `sample_rate`; raises shards.audio.BadAudio."""
-    _, block, rate = next(read_segments(path))
-    return torch.from_numpy(np.ascontiguousarray(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0]))
-
-
-def cut_windows(audio: Tensor, window: int, hop: int) -> tuple[Tensor, list[int]]:
-    """(samples,) -> (windows, window) (zero-padded when shorter than one window) and the window starts."""
-    starts = window_starts(audio.shape[-1], window, hop)
-    if audio.shape[-1] < window:
-        audio = nn.functional.pad(audio, (0, window - audio.shape[-1]))
-    return torch.stack([audio[start : start + window] for start in starts]), starts
 
 
 @dataclass

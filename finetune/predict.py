@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model, read_audio
-from shards.audio import BadAudio
 from core.errors import ArgumentParser, output_file
-from shards.loader import eval_samples, is_shard_spec, sample_count
 from core.progress import progress_bar
-from shards.sources import audio_files
+from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model
+from shards.audio import BadAudio
+from shards.inputs import expand, read_mono, shard_examples
+from shards.loader import sample_count
 from shards.vocab import INSTRUMENT_NAMES
 
 
@@ -68,7 +68,7 @@ def predict(model: FinetunedModel, files: Iterable[str | tuple[str, torch.Tensor
             name, audio = (entry, None) if isinstance(entry, str) else entry
             names.append(name)
             try:
-                yield index, audio if audio is not None else read_audio(name, model.info.sample_rate)
+                yield index, audio if audio is not None else read_mono(name, model.info.sample_rate)
             except BadAudio as error:
                 errors[index] = str(error)
             except OSError as error:
@@ -86,10 +86,10 @@ def predict(model: FinetunedModel, files: Iterable[str | tuple[str, torch.Tensor
 
 def shard_entries(spec: str, sample_rate: int, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(SPEC#KEY, audio) of every sample in the shards of `spec` not named in `skip`."""
-    for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate):
-        name = f"{spec}#{sample['key']}"
+    for example in shard_examples(spec, sample_rate):
+        name = f"{spec}#{example.key}"
         if name not in skip:
-            yield name, sample["audio"]
+            yield name, example.audio
 
 
 def main(argv: list[str]) -> int:
@@ -104,15 +104,14 @@ def main(argv: list[str]) -> int:
                         "files already answered in it (default: stdout)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
-    shards = [name for name in args.files if is_shard_spec(name)]
-    files = [str(file) for name in args.files if name not in shards
-             for file in (audio_files(name) if Path(name).is_dir() else [name])]
+    named = list(expand(args.files))
     out = output_file(args.out) if args.out else None
     earlier = _answered(out) if out else set()
-    todo = [name for name in files if name not in earlier]
-    inputs = len(files) + sum(sample_count(spec) for spec in shards)
+    inputs = sum(sample_count(name) if shards else 1 for name, shards in named)
     model = load_model(args.model, precision=args.precision)
-    entries = itertools.chain(todo, *(shard_entries(spec, model.info.sample_rate, earlier) for spec in shards))
+    entries = itertools.chain.from_iterable(
+        shard_entries(name, model.info.sample_rate, earlier) if shards else [name] * (name not in earlier)
+        for name, shards in named)
     failed, answered = [], 0
     with open(out, "a") if out else contextlib.nullcontext(sys.stdout) as sink:
         bar = progress_bar(total=inputs - len(earlier), desc="predict", unit="file", enabled=out is not None)

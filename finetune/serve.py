@@ -36,11 +36,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from finetune.model import FileResult, FinetunedModel, infer, load_model, read_audio
-from finetune.predict import describe
-from pretrain.embed import window_starts
-from shards.audio import BadAudio
 from core.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
+from finetune.model import FileResult, FinetunedModel, infer, load_model
+from finetune.predict import describe
+from pretrain.encoder import window_starts
+from shards.audio import BadAudio
+from shards.inputs import read_mono
 
 PAGE = Path(__file__).with_name("serve.html")
 UPLOAD_TYPES = ("audio/", "application/octet-stream", "video/ogg")  # what browsers and curl send for audio files
@@ -125,9 +126,9 @@ def decode(data: bytes, name: str, model: FinetunedModel, limits: Limits) -> tor
                 raise BadRequest(413, f"{name}: {info.duration:.1f} s of audio, over the server's limit of "
                                       f"{limits.max_seconds:g} s; send a shorter file")
         except (sf.LibsndfileError, RuntimeError):
-            pass  # read_audio below names what is wrong with it
+            pass  # read_mono below names what is wrong with it
         try:
-            return read_audio(handle.name, model.info.sample_rate)
+            return read_mono(handle.name, model.info.sample_rate)
         except BadAudio as error:
             raise BadRequest(422, f"{name}: {error}") from None
 

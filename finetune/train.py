@@ -18,18 +18,18 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from core.errors import ArgumentParser, UserError
+from core.recipe import load_recipe, to_dict
+from core.trainer import TrainConfig, check_output_dir, train
 from finetune.adapters import AdaptConfig, param_groups, prepare
 from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import multilabel_metrics, tune_thresholds
-from finetune.model import (AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model)
+from finetune.model import AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, SpecAugment
 from pretrain.hub import load_backbone
-from core.recipe import load_recipe, to_dict
-from core.trainer import TrainConfig, check_output_dir, train
-from core.errors import ArgumentParser, UserError
 from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
 

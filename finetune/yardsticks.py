@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.metrics import multilabel_metrics, tune_thresholds
-from finetune.model import cut_windows
-from pretrain.frontend import LogMel
 from core.errors import ArgumentParser, UserError, output_file, positive_float
+from finetune.metrics import multilabel_metrics, tune_thresholds
+from pretrain.encoder import cut_windows
+from pretrain.frontend import LogMel
 from shards.loader import eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
 

@@ -2,8 +2,8 @@
 
 Inputs are audio files, folders of audio files, or shards (a `.tar`, a split folder or a pack
 OUTDIR). Each file or shard sample is cut into windows of the backbone's clip length (the last
-window is aligned to the end, so every sample is seen; files shorter than a window are embedded at
-their own length), and its embedding is the mean of its windows' pooled embeddings.
+window is aligned to the end, so every sample is seen; files shorter than a window are zero-padded
+to one window, as in training: `pretrain.encoder.cut_windows`), and its embedding is the mean of its windows' pooled embeddings.
 
 The .npz holds `keys` (N,) — the file path, or the sample key for shards — `embeddings` (N, D)
 float32 and `windows` (N,); with `--tokens` also the window-averaged patch tokens as one ragged
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,81 +22,55 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.backbone import Backbone
-from pretrain.frontend import LogMel
-from pretrain.hub import load_backbone
-from shards.audio import BadAudio, convert, read_segments
 from core.errors import ArgumentParser, UserError, output_file, positive_float, positive_int
-from shards.loader import eval_samples, is_shard_spec, shard_urls
 from core.progress import progress_bar
-from shards.sources import audio_files
-
-
-def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
-    """Window starts covering the whole signal: every `hop`, plus one aligned to the end; [0] when shorter than a window."""
-    if num_samples <= window:
-        return [0]
-    starts = list(range(0, num_samples - window + 1, hop))
-    if starts[-1] + window < num_samples:
-        starts.append(num_samples - window)
-    return starts
+from pretrain.backbone import Backbone
+from pretrain.encoder import AudioEncoder, cut_windows
+from pretrain.hub import load_backbone
+from shards.audio import BadAudio
+from shards.inputs import expand, is_shards, read_mono, shard_examples
+from shards.loader import shard_urls
 
 
 def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[tuple[str, Tensor]]:
     """(key, mono waveform at sample_rate) for every audio file and shard sample named by `paths`."""
     for given in paths:
-        path = Path(given)
-        if not path.exists() and "://" not in given and not given.startswith("pipe:"):
+        if not is_shards(given) and not Path(given).exists():
             raise UserError(f"{given}: no such file or folder; pass audio files, folders of audio or shards")
-        if is_shard_spec(path) or not path.exists():
-            for sample in eval_samples(shard_urls(given), rank=0, world_size=1, sample_rate=sample_rate):
-                yield sample["key"], torch.as_tensor(sample["audio"], dtype=torch.float32)
-        elif path.is_dir():
-            for file in audio_files(path):
-                yield from audio_file(file, sample_rate, skipped)
-        else:
-            yield from audio_file(path, sample_rate, skipped)
-
-
-def audio_file(path: Path, sample_rate: int, skipped: list[str]) -> Iterator[tuple[str, Tensor]]:
-    """One file decoded with soundfile, mixed to mono and resampled; an unusable file is listed in `skipped`."""
-    try:
-        for _, block, rate in read_segments(path):
-            yield str(path), torch.from_numpy(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0].copy())
-    except BadAudio as reason:
-        skipped.append(f"{path}: {reason}")
+    for name, shards in expand(paths):
+        if shards:
+            yield from ((example.key, example.audio) for example in shard_examples(shard_urls(name), sample_rate))
+            continue
+        try:
+            yield name, read_mono(name, sample_rate)
+        except BadAudio as reason:
+            skipped.append(f"{name}: {reason}")
 
 
 class Embedder:
-    """Windows of equal length from many files go through the backbone together; per-file sums are kept."""
+    """Windows from many files go through the backbone together, `batch_size` at a time; per-file sums are kept."""
 
     def __init__(self, backbone: Backbone, *, window: int, hop: int, batch_size: int, tokens: bool,
                  device: torch.device) -> None:
-        self.backbone = backbone.to(device).eval()
-        self.frontend = LogMel(config=backbone.config.frontend).to(device)
+        self.encoder = AudioEncoder(backbone=backbone).to(device).eval()
         self.window, self.hop, self.batch_size, self.tokens, self.device = window, hop, batch_size, tokens, device
-        self.minimum = self.frontend.config.window_length + (backbone.config.patch_size - 1) * self.frontend.config.hop_length
-        self.pending: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)  # length -> [(file index, window)]
+        self.pending: list[tuple[int, Tensor]] = []  # (file index, window)
         self.sums: dict[int, list] = {}  # file index -> [embedding sum, token sum, windows, grid]
 
     def add(self, index: int, waveform: Tensor) -> None:
-        if waveform.numel() < self.minimum:  # shorter than one patch: pad with silence to one patch
-            waveform = torch.nn.functional.pad(waveform, (0, self.minimum - waveform.numel()))
-        for start in window_starts(waveform.numel(), self.window, self.hop):
-            piece = waveform[start: start + self.window]
-            self.pending[piece.numel()].append((index, piece))
-            if len(self.pending[piece.numel()]) == self.batch_size:
-                self.flush(piece.numel())
+        for piece in cut_windows(waveform, self.window, self.hop)[0]:
+            self.pending.append((index, piece))
+            if len(self.pending) == self.batch_size:
+                self.flush()
 
     @torch.inference_mode()
-    def flush(self, length: int) -> None:
-        batch = self.pending.pop(length, [])
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
         if not batch:
             return
-        audio = torch.stack([piece for _, piece in batch]).to(self.device)
-        features = self.frontend(audio)
-        output = self.backbone(features)
-        grid = self.backbone.grid(features.shape[1])
+        features = self.encoder.features(torch.stack([piece for _, piece in batch]).to(self.device))
+        output = self.encoder.backbone(features)
+        grid = self.encoder.backbone.grid(features.shape[1])
         for row, (index, _) in enumerate(batch):
             tokens = output.tokens[row].float().cpu() if self.tokens else None
             if index not in self.sums:
@@ -110,8 +83,7 @@ class Embedder:
                 entry[2] += 1
 
     def finish(self) -> list[list]:
-        for length in list(self.pending):
-            self.flush(length)
+        self.flush()
         return [self.sums[index] for index in sorted(self.sums)]
 
 
@@ -120,7 +92,7 @@ def embed(backbone: Backbone, paths: list[str], *, window_seconds: float | None 
           device: str | torch.device = "cpu", progress: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
     """The arrays of the .npz (see the module docstring) and the list of skipped files with reasons."""
     frontend = backbone.config.frontend
-    clip = (backbone.config.max_frames - 1) * frontend.hop_length + frontend.window_length
+    clip = frontend.num_samples(backbone.config.max_frames)
     window = clip if window_seconds is None else int(round(window_seconds * frontend.sample_rate))
     hop = window if hop_seconds is None else int(round(hop_seconds * frontend.sample_rate))
     if window > clip or window <= 0 or hop <= 0:

@@ -53,6 +53,10 @@ class FrontendConfig:
             return 0
         return 1 + (num_samples - self.window_length) // self.hop_length
 
+    def num_samples(self, num_frames: int) -> int:
+        """The fewest samples that make `num_frames` frames (the inverse of `num_frames`)."""
+        return self.window_length + (num_frames - 1) * self.hop_length
+
 
 class LogMel(nn.Module):
     """(B, samples) waveform at `sample_rate` -> (B, frames, mels) normalised log-mel features."""

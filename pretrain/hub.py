@@ -23,9 +23,9 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from core.errors import UserError
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig
-from core.errors import UserError
 
 MODEL_TYPE = "audio-spectrogram-transformer"
 CLASSIFIER_PREFIX = "audio_spectrogram_transformer."

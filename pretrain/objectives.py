@@ -23,7 +23,8 @@ from pytorch_metric_learning import losses, reducers
 from torch import Tensor, nn
 
 from pretrain.backbone import Backbone, BackboneConfig, Block, patchify, sincos_grid, unpatchify
-from pretrain.frontend import LogMel, SpecAugment
+from pretrain.encoder import AudioEncoder
+from pretrain.frontend import SpecAugment
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration (plain data; the recipe's `objectives` section)
@@ -342,18 +343,16 @@ class MetricLosses(nn.Module):
 # The pretraining module
 
 
-class Pretrainer(nn.Module):
+class Pretrainer(AudioEncoder):
     """Waveforms -> log-mel -> backbone -> the enabled objectives; `forward(batch)` returns (loss, logs)."""
 
     def __init__(self, *, backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
-        super().__init__()
         if not objectives.enabled():
             raise ValueError("no objective enabled; give objectives.mae, .electra or .metric a weight > 0")
         if backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size:
             raise ValueError("pretraining needs non-overlapping patches: frequency_stride = time_stride = patch_size")
+        super().__init__(backbone=Backbone(backbone))
         self.objectives = objectives
-        self.frontend = LogMel(config=backbone.frontend)
-        self.backbone = Backbone(backbone)
         patch_values = backbone.patch_size**2
         if objectives.mae.weight > 0:
             self.decoder = MAEDecoder(encoder_size=backbone.hidden_size, patch_values=patch_values, config=objectives.mae)
@@ -371,7 +370,7 @@ class Pretrainer(nn.Module):
     def features(self, audio: Tensor) -> Tensor:
         """(B, S) or (B, V, S) waveforms -> (B, V, frames, mels) log-mel features, cropped to whole patches."""
         views = audio.shape[1] if audio.dim() == 3 else 1
-        features = self.frontend(rearrange(audio, "b v s -> (b v) s") if audio.dim() == 3 else audio)
+        features = super().features(rearrange(audio, "b v s -> (b v) s") if audio.dim() == 3 else audio)
         frames = self.backbone.grid(features.shape[1])[1] * self.backbone.config.patch_size
         return rearrange(features[:, :frames], "(b v) t f -> b v t f", v=views)
 

@@ -26,13 +26,13 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
+from core.errors import ArgumentParser, UserError
+from core.recipe import load_recipe, to_dict
+from core.trainer import TRACKERS, TrainConfig, train
 from pretrain.backbone import BackboneConfig
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
-from core.recipe import load_recipe, to_dict
-from core.trainer import TRACKERS, TrainConfig, train
-from core.errors import ArgumentParser, UserError
 from shards.loader import shard_urls, train_batches
 
 DEMO_SHARDS = ["demo/shards/unlabeled/train", "demo/shards/irmas-train/train"]

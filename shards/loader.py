@@ -48,9 +48,9 @@ import torch
 import webdataset as wds
 from einops import rearrange
 
+from core.errors import UserError
 from shards import vocab
 from shards.audio import convert
-from core.errors import UserError
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
 from core.errors import UserError, positive_float, positive_int
 from core.progress import progress_bar
+from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
 from shards.sources import SOURCES, Record, Scan, Skip, scan
 from shards.split import TRAIN, VAL, split_by_song
 

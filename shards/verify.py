@@ -19,7 +19,7 @@ import soundfile as sf
 
 from core.errors import UserError, output_file
 from shards.pack import FORMAT, MANIFEST, TEMP_SUFFIX, sha256
-from shards.vocab import DRUMS, GENRES, INSTRUMENTS, INSTRUMENT_NAMES
+from shards.vocab import DRUMS, GENRES, INSTRUMENT_NAMES, INSTRUMENTS
 
 REQUIRED_FIELDS = ("key", "instruments", "genre", "drums", "song", "path", "start", "duration", "sample_rate",
                    "channels", "num_samples", "source")

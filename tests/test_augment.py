@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
+from core.recipe import build
 from finetune.train import FinetuneRecipe
 from pretrain.augment import WaveAugment, WaveAugmentConfig
-from core.recipe import build
-from core.errors import UserError
 
 RATE = 16000
 

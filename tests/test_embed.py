@@ -14,12 +14,13 @@ import soundfile as sf
 import torch
 import webdataset as wds
 
+from core.errors import UserError
 from pretrain.backbone import Backbone, BackboneConfig
-from pretrain.embed import embed, main, window_starts
+from pretrain.embed import embed, main
+from pretrain.encoder import window_starts
 from pretrain.frontend import LogMel
 from pretrain.hub import save_pretrained
 from shards.audio import decode_flac, encode_flac
-from core.errors import UserError
 
 CLIP = 47920  # samples in 298 frames: the backbone's clip
 
@@ -71,12 +72,13 @@ def test_embeddings_are_window_means_keyed_by_file(backbone: Backbone, audio: Pa
     long = decoded(audio / "long.wav")
     expected = reference(backbone, long, [0, CLIP, long.size - CLIP], CLIP)
     np.testing.assert_allclose(arrays["embeddings"][0], expected.embedding.mean(0).numpy(), atol=1e-5)
-    short = reference(backbone, decoded(audio / "short.flac"), [0], 16000)  # shorter than a window: its own length
+    padded = np.pad(decoded(audio / "short.flac"), (0, CLIP - 16000))  # shorter than a window: padded to one, as in training
+    short = reference(backbone, padded, [0], CLIP)
     np.testing.assert_allclose(arrays["embeddings"][1], short.embedding[0].numpy(), atol=1e-5)
     offsets, grids = arrays["token_offsets"], arrays["token_grids"]
-    assert grids.tolist() == [[8, 18], [8, 6], [8, 18]] and offsets.tolist() == [0, 144, 192, 336]
-    assert arrays["tokens"].shape == (336, 192)
-    np.testing.assert_allclose(arrays["tokens"][144:192], short.tokens[0].numpy(), atol=1e-5)
+    assert grids.tolist() == [[8, 18], [8, 18], [8, 18]] and offsets.tolist() == [0, 144, 288, 432]
+    assert arrays["tokens"].shape == (432, 192)
+    np.testing.assert_allclose(arrays["tokens"][144:288], short.tokens[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(arrays["tokens"][:144], expected.tokens.mean(0).numpy(), atol=1e-5)
 
 

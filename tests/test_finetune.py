@@ -19,11 +19,12 @@ import webdataset as wds
 from finetune.adapters import param_groups
 from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import tune_thresholds
-from finetune.model import cut_windows, load_model, read_audio, save_model
+from finetune.model import load_model, save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info, predict_set, validation_sets
 from pretrain.backbone import Backbone, BackboneConfig
-from pretrain.embed import window_starts
+from pretrain.encoder import cut_windows, window_starts
 from pretrain.hub import save_pretrained
+from shards.inputs import read_mono
 from shards.loader import train_batches
 from shards.vocab import GENRES, INSTRUMENT_NAMES, INSTRUMENTS
 
@@ -255,7 +256,7 @@ def test_evaluate_a_60s_file_equals_the_aggregate_of_its_windows(trained, tmp_pa
     assert (out / "report.md").read_text().startswith("# Evaluation report")
 
     model = load_model(trained, device="cpu")
-    audio = read_audio(folder / "Song, No. 1 - live-1.wav", RATE)
+    audio = read_mono(folder / "Song, No. 1 - live-1.wav", RATE)
     windows, starts = cut_windows(audio, model.window, 2 * RATE)
     assert starts == window_starts(60 * RATE, RATE, 2 * RATE) and starts[-1] == 59 * RATE
     one_by_one = np.stack([model.classifier.predict(window[None])[0][0].numpy() for window in windows])

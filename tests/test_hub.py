@@ -16,11 +16,11 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel
 
+from core.errors import UserError
 from pretrain.__main__ import main
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.frontend import FrontendConfig, LogMel
 from pretrain.hub import load_backbone, publish, save_pretrained
-from core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
 from irmas_fixtures import make_folder, make_irmas_train
-from shards import vocab
+
 from core.errors import UserError
+from shards import vocab
 from shards.loader import eval_samples, sample_count, shard_urls, train_batches
 from shards.pack import PackOptions, pack
 

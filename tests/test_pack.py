@@ -20,8 +20,8 @@ import soundfile as sf
 import webdataset as wds
 from irmas_fixtures import add_bad_inputs, make_folder, make_irmas_test, make_irmas_train
 
-from shards.__main__ import main
 from core.errors import UserError, run_cli
+from shards.__main__ import main
 from shards.pack import MANIFEST, PackOptions, pack
 from shards.verify import verify
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from irmas_fixtures import make_folder, make_irmas_train
 from safetensors.torch import load_file
 
-from irmas_fixtures import make_folder, make_irmas_train
+from core.errors import UserError
 from core.recipe import load_recipe
 from core.trainer import latest_checkpoint
 from pretrain.train import PretrainRecipe
-from core.errors import UserError
 from shards.pack import PackOptions, pack
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ from typing import Literal
 
 import pytest
 
-from core.recipe import load_recipe
 from core.errors import UserError
+from core.recipe import load_recipe
 
 
 @dataclass

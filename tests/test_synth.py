@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shards import synth
 from core.errors import UserError
+from shards import synth
 from shards.sources import scan
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, parse_instruments
 

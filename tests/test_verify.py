@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from irmas_fixtures import make_irmas_test
 
-from shards.__main__ import main
 from core.errors import UserError, run_cli
+from shards.__main__ import main
 from shards.pack import MANIFEST, PackOptions, pack
 from shards.verify import load_manifest, plot_classes, stats_table, verify
 

@@ -12,14 +12,14 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-
-from finetune.__main__ import main as finetune_main
 from irmas_fixtures import make_irmas_train
+
+from core.errors import run_cli
+from finetune.__main__ import main as finetune_main
 from pretrain.__main__ import main as pretrain_main
 from pretrain.backbone import Backbone, BackboneConfig
 from pretrain.hub import save_pretrained
 from shards.__main__ import main as shards_main
-from core.errors import run_cli
 from shards.pack import PackOptions, pack
 
 
