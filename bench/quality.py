@@ -61,6 +61,7 @@ from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES
 from finetune.yardsticks import REGRESSION, yardsticks
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
+from shards.format import MANIFEST
 from shards.loader import eval_samples
 from shards.sources import TRAIN_DIR, scan
 from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont
@@ -292,7 +293,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                output=test_tree, done=test_tree / "synth.json", files=(test_font,))
     runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", train_tree / "unlabeled",
                                         shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
-               output=shards / "unlabeled", done=shards / "unlabeled" / "manifest.json", after=("synth-train",))
+               output=shards / "unlabeled", done=shards / "unlabeled" / MANIFEST, after=("synth-train",))
     pool_seed = seed + 2
     if args.pool_soundfonts == "both":  # unlabeled music of the test domain, never the test excerpts themselves
         pool_tree = data / "test-font-pool"
@@ -303,11 +304,11 @@ def run_bench(args: argparse.Namespace) -> dict:
         runner.run("pack-unlabeled-test-font", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
                                                       shards / "unlabeled-test-font", "--segment-seconds", 3,
                                                       "--quiet"),
-                   output=shards / "unlabeled-test-font", done=shards / "unlabeled-test-font" / "manifest.json",
+                   output=shards / "unlabeled-test-font", done=shards / "unlabeled-test-font" / MANIFEST,
                    after=("synth-pool-test-font",))
     runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
                                    "--quiet"),
-               output=shards / "test", done=shards / "test" / "manifest.json", after=("synth-test",))
+               output=shards / "test", done=shards / "test" / MANIFEST, after=("synth-test",))
     # The same test pieces (same seed) rendered with the training SoundFont: what is lost to the unseen timbres.
     same_tree = data / "test-train-font"
     runner.run("synth-test-train-font", python("-m", "shards", "synth", same_tree, "--train-per-class", 0,
@@ -316,7 +317,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                output=same_tree, done=same_tree / "synth.json", files=(train_font,))
     runner.run("pack-test-train-font", python("-m", "shards", "pack", "irmas-test", same_tree / TEST_DIR,
                                               shards / "test-train-font", "--quiet"),
-               output=shards / "test-train-font", done=shards / "test-train-font" / "manifest.json",
+               output=shards / "test-train-font", done=shards / "test-train-font" / MANIFEST,
                after=("synth-test-train-font",))
     labelled: dict[int, Path] = {}
     for n in budget.labelled_per_class:
@@ -325,7 +326,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         labelled[n] = shards / f"labelled-{n}"
         runner.run(f"pack-labelled-{n}", python("-m", "shards", "pack", "irmas-train", source, labelled[n],
                                                 "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
-                   output=labelled[n], done=labelled[n] / "manifest.json", after=("synth-train",))
+                   output=labelled[n], done=labelled[n] / MANIFEST, after=("synth-train",))
     tests = {"": shards / "test" / "test", "same_font_": shards / "test-train-font" / "test"}
 
     # 3. Pretraining: every objective's recipe, the same backbone, data, steps and batch.
@@ -444,7 +445,7 @@ def run_supervised(args: argparse.Namespace) -> dict:
                output=data / "train", done=data / "train" / "synth.json", files=tuple(train_fonts))
     runner.run("pack-train", python("-m", "shards", "pack", "irmas-train", data / "train" / TRAIN_DIR,
                                     shards / "train", "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
-               output=shards / "train", done=shards / "train" / "manifest.json", after=("synth-train",))
+               output=shards / "train", done=shards / "train" / MANIFEST, after=("synth-train",))
     tests = {}
     for prefix, fonts in (("", [test_font]), ("same_font_", train_fonts)):  # the same pieces (seed + 1) each time
         name = "test-unseen-font" if not prefix else "test-train-fonts"
@@ -454,7 +455,7 @@ def run_supervised(args: argparse.Namespace) -> dict:
                    output=data / name, done=data / name / "synth.json", files=tuple(fonts))
         runner.run(f"pack-{name}", python("-m", "shards", "pack", "irmas-test", data / name / TEST_DIR, shards / name,
                                           "--quiet"),
-                   output=shards / name, done=shards / name / "manifest.json", after=(f"synth-{name}",))
+                   output=shards / name, done=shards / name / MANIFEST, after=(f"synth-{name}",))
         tests[prefix] = shards / name / "test"
     runs = {}
     for run_seed in args.seeds:

@@ -51,6 +51,7 @@ from einops import rearrange
 from core.errors import UserError
 from shards import vocab
 from shards.audio import convert
+from shards.format import MANIFEST, SAMPLE_FILES, Batch, SampleMeta
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"
@@ -174,7 +175,7 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for outdir in {url.rsplit("/", 2)[0] for url in urls if url.count("/") >= 2 and not url.startswith("pipe:")}:
         try:
-            with fsspec.open(f"{outdir}/manifest.json", "rt") as stream:
+            with fsspec.open(f"{outdir}/{MANIFEST}", "rt") as stream:
                 shards = json.load(stream).get("shards", [])
         except (OSError, ValueError, ImportError, AttributeError):
             continue
@@ -355,10 +356,10 @@ class _Example:
     song: str
 
 
-def _metadata(sample: dict) -> dict:
+def _metadata(sample: dict) -> SampleMeta:
     """The sample's json, checked: both files present, known instrument and genre codes."""
     where = f"{sample.get('__url__')}: sample {sample['__key__']}"
-    for extension in ("flac", "json"):
+    for extension in SAMPLE_FILES:
         if extension not in sample:
             raise UserError(f"{where} has no .{extension} file; re-pack the shards with `python -m shards pack`")
     try:
@@ -470,9 +471,9 @@ def _mix(
         yield out
 
 
-def _collate(examples: list[_Example]) -> dict:
+def _collate(examples: list[_Example]) -> Batch:
     audio = torch.from_numpy(np.stack([e.audio for e in examples]))
-    return dict(
+    return Batch(
         audio=rearrange(audio, "b 1 s -> b s") if audio.shape[1] == 1 else audio,
         targets=torch.from_numpy(np.stack([vocab.multi_hot(e.instruments) for e in examples])),
         families=torch.from_numpy(np.stack([vocab.family_multi_hot(e.instruments) for e in examples])),
@@ -513,9 +514,7 @@ def train_batches(
     """One epoch of training batches for this rank: exactly `batches_per_epoch` of them on every rank.
 
     The default epoch is ceil(samples / (batch_size * world_size)) batches, so each sample is seen about
-    once per epoch over all ranks. Batches hold `audio` float32 (B, S) -- (B, views, S) when views > 1 --,
-    `targets` (B, 11) and `families` (B, 6) multi-hot float32, `genre` int64 (B,) (-1 unknown), `labelled`
-    bool (B,), `key` and `song` lists. With mix_max >= 2, each clip is mixed with probability
+    once per epoch over all ranks. Batches are `shards.format.Batch` dicts. With mix_max >= 2, each clip is mixed with probability
     `mix_probability` with 1..mix_max-1 recent clips of other songs (labelled only with labelled, of its own
     genre with `same_genre_mix`) and carries the union of their labels; its key and song join theirs with '+'.
     Identical for the same (seed, epoch, rank, world_size) and num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0

@@ -48,15 +48,11 @@ import torch
 from core.errors import UserError, positive_float, positive_int
 from core.progress import progress_bar
 from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
+from shards.format import FORMAT, MANIFEST, SHARD_NAME, TEMP_SUFFIX, VERSION, SampleMeta
 from shards.sources import SOURCES, Record, Scan, Skip, scan
 from shards.split import TRAIN, VAL, split_by_song
 
-MANIFEST = "manifest.json"
 STATE = ".pack-state.json"
-FORMAT = "timbre-shards"
-VERSION = 1
-SHARD_NAME = "shard-{:06d}.tar"
-TEMP_SUFFIX = ".tmp"
 TASK_INPUTS = 4  # inputs per worker task
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 UNKNOWN = "unknown"  # manifest bucket for samples without a genre / drums tag
@@ -123,20 +119,20 @@ def encode_record(record: Record, *, options: PackOptions) -> Packed | Skip:
                 continue
             block = convert(block, rate, sample_rate=options.sample_rate, channels=options.channels)
             key = record.key if options.segment_seconds is None else f"{record.key}-{index:05d}"
-            meta = {
-                "key": key,
-                "instruments": list(record.instruments),
-                "genre": record.genre,
-                "drums": record.drums,
-                "song": record.song,
-                "path": record.relpath,
-                "start": round(start, 6),
-                "duration": round(block.shape[0] / options.sample_rate, 6),
-                "sample_rate": options.sample_rate,
-                "channels": options.channels,
-                "num_samples": int(block.shape[0]),
-                "source": record.source,
-            }
+            meta = SampleMeta(
+                key=key,
+                instruments=list(record.instruments),
+                genre=record.genre,
+                drums=record.drums,
+                song=record.song,
+                path=record.relpath,
+                start=round(start, 6),
+                duration=round(block.shape[0] / options.sample_rate, 6),
+                sample_rate=options.sample_rate,
+                channels=options.channels,
+                num_samples=int(block.shape[0]),
+                source=record.source,
+            )
             samples.append(Sample(key=key, flac=encode_flac(block, options.sample_rate), meta=meta))
     except BadAudio as error:
         return Skip(path=record.relpath, reason=str(error))

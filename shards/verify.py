@@ -18,11 +18,18 @@ import numpy as np
 import soundfile as sf
 
 from core.errors import UserError, output_file
-from shards.pack import FORMAT, MANIFEST, TEMP_SUFFIX, sha256
+from shards.format import (
+    FORMAT,
+    MANIFEST,
+    MANIFEST_FIELDS,
+    SAMPLE_FIELDS,
+    SAMPLE_FILES,
+    SHARD_FIELDS,
+    SPLIT_FIELDS,
+    TEMP_SUFFIX,
+)
+from shards.pack import sha256
 from shards.vocab import DRUMS, GENRES, INSTRUMENT_NAMES, INSTRUMENTS
-
-REQUIRED_FIELDS = ("key", "instruments", "genre", "drums", "song", "path", "start", "duration", "sample_rate",
-                   "channels", "num_samples", "source")
 
 
 def load_manifest(outdir: str | Path) -> dict:
@@ -46,11 +53,6 @@ def load_manifest(outdir: str | Path) -> dict:
     return manifest
 
 
-MANIFEST_FIELDS = {"source": str, "inputs": int, "packed": int, "skipped": int, "samples": int,
-                   "duration": (int, float), "splits": dict, "shards": list}
-SPLIT_FIELDS = {"samples": int, "duration": (int, float), "unlabelled": int, "instruments": dict, "genres": dict,
-                "drums": dict}
-SHARD_FIELDS = {"path": str, "samples": int, "bytes": int, "sha256": str}
 
 
 def _manifest_problem(manifest: dict) -> str | None:
@@ -115,13 +117,13 @@ def check_shard(path: Path, entry: dict, seen: set[str] | None = None) -> list[s
 
 
 def _check_sample(key: str, parts: dict[str, bytes]) -> str | None:
-    if set(parts) != {"flac", "json"}:
+    if set(parts) != set(SAMPLE_FILES):
         return f"sample {key}: has {', '.join(sorted(parts)) or 'nothing'}, expected flac and json"
     try:
         meta = json.loads(parts["json"])
     except ValueError:
         return f"sample {key}: json does not parse"
-    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+    missing = [name for name in SAMPLE_FIELDS if name not in meta]
     if missing:
         return f"sample {key}: json lacks {', '.join(missing)}"
     if meta["key"] != key:

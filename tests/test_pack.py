@@ -22,7 +22,8 @@ from irmas_fixtures import add_bad_inputs, make_folder, make_irmas_test, make_ir
 
 from core.errors import UserError, run_cli
 from shards.__main__ import main
-from shards.pack import MANIFEST, PackOptions, pack
+from shards.format import MANIFEST
+from shards.pack import PackOptions, pack
 from shards.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]

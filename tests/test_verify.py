@@ -11,7 +11,8 @@ from irmas_fixtures import make_irmas_test
 
 from core.errors import UserError, run_cli
 from shards.__main__ import main
-from shards.pack import MANIFEST, PackOptions, pack
+from shards.format import MANIFEST
+from shards.pack import PackOptions, pack
 from shards.verify import load_manifest, plot_classes, stats_table, verify
 
 
