@@ -56,8 +56,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError, run_cli
-from finetune.metrics import multilabel_metrics, tune_thresholds
-from finetune.yardsticks import HEADLINE as YARDSTICK_SCORES
+from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from finetune.yardsticks import REGRESSION, yardsticks
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
@@ -72,7 +71,6 @@ BENCH = ROOT / "bench"
 RECIPES = ROOT / "recipes"
 OBJECTIVES = ("mae", "electra", "metric", "combined")
 VAL_FRACTION = 0.2
-HEADLINE = ("macro_f1", "micro_f1", "lrap")
 ROW_SCORES = (*HEADLINE, "same_font_macro_f1", "same_font_lrap")  # fine-tune scores in the table
 TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.75  # the bar: pretrained - scratch, best fine-tuned macro F1
 
@@ -425,7 +423,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 SF2 = Path("/usr/share/sounds/sf2")
 DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
 SUPERVISED_SIZES = {"tiny": {"per_class": 4, "test_files": 6, "steps": 4}, "full": {"per_class": 400, "test_files": 200}}
-SUPERVISED_SCORES = YARDSTICK_SCORES
+SUPERVISED_SCORES = HEADLINE
 
 
 def run_supervised(args: argparse.Namespace) -> dict:

@@ -54,17 +54,9 @@ class Adapter(nn.Module):
         return self.up(nn.functional.gelu(self.down(x))) * self.scale
 
 
-def blocks_of(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The backbone's ModuleList of transformer blocks and its attribute name."""
-    for name, module in backbone.named_children():
-        if isinstance(module, nn.ModuleList) and len(module) == backbone.config.num_layers:
-            return name, module
-    raise ValueError(f"{type(backbone).__name__} has no ModuleList of {backbone.config.num_layers} blocks")
-
-
 def attach_adapters(backbone: nn.Module, config: AdaptConfig) -> nn.ModuleList:
     """One adapter per block, run by a forward hook on that block; returns the adapters (owned by the caller)."""
-    _, blocks = blocks_of(backbone)
+    blocks = backbone.blocks
     adapters = nn.ModuleList(
         Adapter(dim=backbone.hidden_size, bottleneck=config.adapter_dim, scale=config.adapter_scale) for _ in blocks
     )
@@ -80,8 +72,7 @@ def attach_adapters(backbone: nn.Module, config: AdaptConfig) -> nn.ModuleList:
 
 def lora_targets(backbone: nn.Module) -> list[str]:
     """Names of every Linear inside the blocks: attention qkv/proj and both MLP projections."""
-    name, blocks = blocks_of(backbone)
-    return [f"{name}.{index}.{inner}" for index, block in enumerate(blocks)
+    return [f"blocks.{index}.{inner}" for index, block in enumerate(backbone.blocks)
             for inner, module in block.named_modules() if isinstance(module, nn.Linear)]
 
 
@@ -116,40 +107,6 @@ def prepare(backbone: nn.Module, config: AdaptConfig) -> nn.ModuleList | None:
     if config.mode == "lora":
         attach_lora(backbone, config)
     return None
-
-
-def layer_id(name: str, module_name: str, num_layers: int, final_norm: bool) -> int:
-    """0 for embeddings, i + 1 for block i, num_layers + 1 for the final norm."""
-    prefix = f"{module_name}."
-    if name.startswith(prefix):
-        return int(name[len(prefix):].split(".")[0]) + 1
-    return num_layers + 1 if final_norm else 0
-
-
-def param_groups(model: nn.Module, *, backbone: nn.Module, lr: float, weight_decay: float,
-                 layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: lr scaled per backbone layer, no weight decay on biases, norms and tokens.
-
-    Everything outside the backbone (head, adapters) gets the full lr.
-    """
-    blocks_name, blocks = blocks_of(backbone)
-    num_layers = len(blocks)
-    norms = {f"{name}.{p}" for name, module in backbone.named_modules()
-             if isinstance(module, nn.LayerNorm) and not name.startswith(f"{blocks_name}.")
-             for p, _ in module.named_parameters(recurse=False)}
-    backbone_names = {id(p): name for name, p in backbone.named_parameters()}
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        name = backbone_names.get(id(parameter))
-        depth = num_layers + 1 if name is None else layer_id(name, blocks_name, num_layers, name in norms)
-        scale = layer_decay ** (num_layers + 1 - depth)
-        no_decay = parameter.ndim <= 1 or (name is not None and ("token" in name or "position" in name))
-        decay = 0.0 if no_decay else weight_decay
-        groups.setdefault((lr * scale, decay), []).append(parameter)
-    return [{"params": params, "lr": group_lr, "weight_decay": decay}
-            for (group_lr, decay), params in sorted(groups.items(), key=lambda item: item[0])]
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -18,12 +18,10 @@ import numpy as np
 
 from core.errors import ArgumentParser, UserError, output_file, output_folder
 from core.progress import progress_bar
-from finetune.metrics import multilabel_metrics
+from finetune.metrics import REPORTED, multilabel_metrics
 from finetune.model import AGGREGATES, FileResult, FinetunedModel, add_inference_options, infer, load_model
 from shards.inputs import labelled_examples
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
-
-HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "roc_auc", "hamming_score", "exact_match")
 
 
 @dataclass
@@ -98,7 +96,7 @@ def markdown(report: dict, labels: list[str]) -> str:
         f"{report['clip_seconds']:g} s every {report['hop_seconds']:g} s, aggregated by `{report['aggregate']}`; "
         f"{len(report['skipped'])} skipped.", "",
         "| metric | file level | window level |", "|---|---|---|",
-        *(f"| {name} | {number(report[name])} | {number(chunk[name])} |" for name in HEADLINE),
+        *(f"| {name} | {number(report[name])} | {number(chunk[name])} |" for name in REPORTED),
         "",
         "macro F1 and mAP average over the instruments present in the data; hamming score is the per-file "
         "|true ∩ predicted| / |true ∪ predicted|; exact match needs every instrument right.", "",
@@ -227,7 +225,7 @@ def main(argv: list[str]) -> int:
     model = load_model(args.model, precision=args.precision)
     report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
                       batch_size=args.batch_size)
-    numbers = "  ".join(f"{name} {report[name]:.3f}" for name in HEADLINE if report[name] is not None)
+    numbers = "  ".join(f"{name} {report[name]:.3f}" for name in REPORTED if report[name] is not None)
     print(f"{report['files']} files ({report['windows']} windows, {len(report['skipped'])} skipped): {numbers}")
     print(f"report: {out / 'report.md'}  ({out / 'report.json'}; plots: {', '.join(report['plots'])})")
     return 0

@@ -23,6 +23,10 @@ from sklearn.metrics import (
 
 DEFAULT_THRESHOLD = 0.5
 
+# The scores Timbre reports everywhere (validation lines, tracker, yardsticks, benchmarks), and the fuller set of a report.
+HEADLINE = ("macro_f1", "micro_f1", "lrap", "map")
+REPORTED = (*HEADLINE, "roc_auc", "hamming_score", "exact_match")
+
 
 def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(N, C) probabilities and 0/1 targets -> (C,) thresholds maximising each class's F1."""

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.errors import UserError, positive_float, positive_int
+from core.trainer import PRECISIONS
 from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone, scale_grad
 from finetune.heads import Head, HeadConfig
 from pretrain.backbone import Backbone
@@ -42,7 +43,6 @@ from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
 AGGREGATES = ("mean", "max")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # inference autocast dtypes
 
 
 class Classifier(AudioEncoder):

@@ -21,21 +21,17 @@ from torch import nn
 from core.errors import ArgumentParser, UserError
 from core.recipe import load_recipe, to_dict
 from core.trainer import TrainConfig, check_output_dir, train
-from finetune.adapters import AdaptConfig, param_groups, prepare
+from finetune.adapters import AdaptConfig, prepare
 from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
-from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from finetune.model import AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model
 from pretrain.augment import WaveAugment, WaveAugmentConfig
-from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.backbone import Backbone, BackboneConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment
 from pretrain.hub import load_backbone
 from shards.loader import eval_samples, train_batches, validation_mixtures
 from shards.vocab import INSTRUMENTS
-
-HEADLINE = ("macro_f1", "micro_f1", "lrap", "map", "hamming_score", "exact_match")
-LOGGED = ("lrap", "map", "macro_f1", "micro_f1")  # validation metrics logged and printed at every checkpoint
-BEST_METRICS = LOGGED  # eval.best picks one of them
 
 
 @dataclass
@@ -187,7 +183,7 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
                 metrics = multilabel_metrics(probabilities, targets, thresholds, info.labels)
                 prefix = "" if name == recipe.eval.thresholds else f"{name}_"
                 logged |= {f"{prefix}loss": bce(probabilities, targets)}
-                logged |= {f"{prefix}{key}": metrics[key] for key in LOGGED}
+                logged |= {f"{prefix}{key}": metrics[key] for key in HEADLINE}
             info.thresholds = thresholds.tolist()
             score = logged[recipe.eval.best]
             if best is not None and score <= best["value"] and state["step"] != best["step"]:
@@ -213,8 +209,8 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         raise UserError(f"{source}: eval.aggregate must be mean or max; got {recipe.eval.aggregate!r}")
     if recipe.eval.thresholds not in THRESHOLD_SOURCES:
         raise UserError(f"{source}: eval.thresholds must be mixtures or clips; got {recipe.eval.thresholds!r}")
-    if recipe.eval.best not in BEST_METRICS:
-        raise UserError(f"{source}: eval.best must be one of {', '.join(BEST_METRICS)}; got {recipe.eval.best!r}")
+    if recipe.eval.best not in HEADLINE:
+        raise UserError(f"{source}: eval.best must be one of {', '.join(HEADLINE)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)
     check_output_dir(output_dir, recipe.resume)
     # Read (and check) the validation set before the first step, not at the first checkpoint; the main process scores it.

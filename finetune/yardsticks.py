@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from core.errors import ArgumentParser, UserError, output_file, positive_float
-from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
 from shards.loader import eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
-HEADLINE = ("macro_f1", "micro_f1", "lrap", "map")
 NO_INFORMATION = "no information"
 REGRESSION = "log-mel statistics + logistic regression"
 

@@ -12,6 +12,7 @@ AST's Conv2d over the (mels x frames) image: token = f * grid_t + t.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -165,8 +166,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = Attention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, config.intermediate_size), nn.GELU(),
-                                 nn.Linear(config.intermediate_size, config.hidden_size))
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(config.hidden_size, config.intermediate_size), act=nn.GELU(),
+                                             fc2=nn.Linear(config.intermediate_size, config.hidden_size)))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,3 +227,27 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def param_groups(model: nn.Module, *, backbone: Backbone, lr: float, weight_decay: float,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups for `model` (which holds `backbone`): no weight decay on biases, norms, tokens and positions (as in
+    MAE); with `layer_decay` < 1, block i of L gets lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1)
+    (BEiT/AudioMAE). Everything outside the backbone's embeddings and blocks (final norm, heads, decoders) gets `lr`."""
+    num_layers = len(backbone.blocks)
+    depths = {}  # parameter id -> 0 embeddings, i + 1 block i
+    for name, parameter in backbone.named_parameters():
+        block = name.split(".")[1] if name.startswith("blocks.") else None
+        if block is not None:
+            depths[id(parameter)] = int(block) + 1
+        elif not name.startswith("norm."):
+            depths[id(parameter)] = 0
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = layer_decay ** (num_layers + 1 - depths.get(id(parameter), num_layers + 1))
+        exempt = parameter.ndim <= 1 or "token" in name or "position" in name
+        groups.setdefault((lr * scale, 0.0 if exempt else weight_decay), []).append(parameter)
+    return [{"params": params, "lr": group_lr, "weight_decay": decay}
+            for (group_lr, decay), params in sorted(groups.items(), key=lambda item: item[0])]

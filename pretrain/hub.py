@@ -103,8 +103,8 @@ def ast_state_dict(backbone: Backbone, *, prefix: str = "") -> dict[str, Tensor]
             weights[f"{layer}attention.attention.{name}.weight"] = part
         for name, part in zip(("query", "key", "value"), block.attention.qkv.bias.chunk(3)):
             weights[f"{layer}attention.attention.{name}.bias"] = part
-        pairs = {"attention.output.dense": block.attention.proj, "intermediate.dense": block.mlp[0],
-                 "output.dense": block.mlp[2], "layernorm_before": block.norm1, "layernorm_after": block.norm2}
+        pairs = {"attention.output.dense": block.attention.proj, "intermediate.dense": block.mlp.fc1,
+                 "output.dense": block.mlp.fc2, "layernorm_before": block.norm1, "layernorm_after": block.norm2}
         for name, module in pairs.items():
             weights[f"{layer}{name}.weight"] = module.weight
             weights[f"{layer}{name}.bias"] = module.bias
@@ -131,8 +131,8 @@ def backbone_state_dict(weights: dict[str, Tensor], config: BackboneConfig) -> d
         for kind in ("weight", "bias"):
             state[f"{block}attention.qkv.{kind}"] = torch.cat(
                 [weights.pop(f"{layer}attention.attention.{name}.{kind}") for name in ("query", "key", "value")])
-            pairs = {"attention.output.dense": "attention.proj", "intermediate.dense": "mlp.0",
-                     "output.dense": "mlp.2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+            pairs = {"attention.output.dense": "attention.proj", "intermediate.dense": "mlp.fc1",
+                     "output.dense": "mlp.fc2", "layernorm_before": "norm1", "layernorm_after": "norm2"}
             for ast, ours in pairs.items():
                 state[f"{block}{ours}.{kind}"] = weights.pop(f"{layer}{ast}.{kind}")
     if weights:

@@ -24,12 +24,11 @@ from typing import Literal
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from torch import nn
 
 from core.errors import ArgumentParser, UserError
 from core.recipe import load_recipe, to_dict
 from core.trainer import TRACKERS, TrainConfig, train
-from pretrain.backbone import BackboneConfig
+from pretrain.backbone import BackboneConfig, param_groups
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
@@ -89,17 +88,6 @@ def backbone_config(recipe: PretrainRecipe, *, source: str | Path) -> BackboneCo
         raise UserError(f"{source}: model: {error}") from None
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, special tokens and positions (as in MAE)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        exempt = parameter.dim() < 2 or "token" in name or "position" in name
-        (no_decay if exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretrainer, dict]:
     """Pretrain as the recipe says; returns the trained module and the trainer's final state."""
     if not recipe.objectives.enabled():
@@ -140,7 +128,8 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     trained = train(
         model=model, loss_fn=lambda module, batch, step: module(batch), batches=batches, config=recipe.train,
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
-        resume=recipe.resume, param_groups=parameter_groups(model, recipe.train.weight_decay), export=export,
+        resume=recipe.resume, param_groups=param_groups(model, backbone=model.backbone, lr=recipe.train.lr,
+                                                                weight_decay=recipe.train.weight_decay), export=export,
         images=lambda module, batch: module.images(batch),
     )
     state = json.loads((output_dir / "trainer_state.json").read_text())
