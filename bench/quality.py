@@ -340,7 +340,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         run_dir, recipe = out / "pretrain" / objective, RECIPES / "pretrain" / f"{objective}-tiny-synth.yaml"
         runner.run(f"pretrain-{objective}", python(
             "-m", "pretrain", recipe,
-            f"data.shards={json.dumps(pretrain_data)}", f"train.steps={budget.pretrain_steps}",
+            f"data.train={json.dumps(pretrain_data)}", f"train.steps={budget.pretrain_steps}",
             f"train.batch_size={budget.pretrain_batch}", f"train.seed={seed}",
             f"train.log_every={budget.pretrain_steps}", "train.image_every=0", "tracking=none", "resume=auto",
             f"run_name=bench-{objective}", f"output_dir={run_dir}"),

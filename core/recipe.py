@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from core.errors import UserError
+from core.errors import ArgumentParser, UserError
 
 T = TypeVar("T")
 
@@ -92,6 +92,23 @@ def build(schema: type[T], data: dict, *, source: Path | str, prefix: str = "") 
 def to_dict(recipe: Any) -> dict:
     """The recipe as plain data, for logging and for saving next to the results."""
     return dataclasses.asdict(recipe)
+
+
+def recipe_from_argv(argv: list[str], schema: type[T], *, prog: str, description: str, example: str
+                     ) -> tuple[str, T] | None:
+    """`RECIPE.yaml [key=value ...] [--print-recipe]` -> (path, recipe); None once `--print-recipe` has printed the
+    effective recipe (the file with its overrides and every default filled in) as YAML."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("recipe", help=f"YAML recipe, e.g. {example}")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the effective recipe (after overrides, defaults filled in) as YAML and exit")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides, schema, example=example)
+    if args.print_recipe:
+        print(yaml.safe_dump(to_dict(recipe), sort_keys=False), end="")
+        return None
+    return args.recipe, recipe
 
 
 def _coerce(hint: Any, value: Any, *, source: Path | str, dotted: str) -> Any:

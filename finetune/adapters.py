@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-MODES = ("probe", "full", "adapter", "lora")
+Mode = Literal["probe", "full", "adapter", "lora"]
+MODES = get_args(Mode)
 
 
 @dataclass
 class AdaptConfig:
     """Adaptation mode and its knobs (see the module docstring)."""
 
-    mode: Literal["probe", "full", "adapter", "lora"] = "full"
+    mode: Mode = "full"
     layer_decay: float = 0.75  # full: lr multiplier per block counted from the top
     warmup_head_steps: int = 0  # first steps train only the head; backbone, adapters and LoRA wait
     adapter_dim: int = 32

@@ -51,7 +51,7 @@ def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | No
     """Run, score, and write report.json, report.md, predictions.jsonl and the plots under `out`; returns the report."""
     aggregate = aggregate or model.info.aggregate
     if aggregate not in AGGREGATES:
-        raise UserError(f"--aggregate must be mean or max; got {aggregate!r}")
+        raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
     skipped: list[dict] = []
     results = run_model(model, data, hop_seconds=hop_seconds, batch_size=batch_size, skipped=skipped)
     if not results:

@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-HEADS = ("linear", "mlp", "fluffy")
-POOLINGS = ("cls", "mean", "attention")
+Kind = Literal["linear", "mlp", "fluffy"]
+Pooling = Literal["cls", "mean", "attention"]
+HEADS, POOLINGS = get_args(Kind), get_args(Pooling)
 
 
 @dataclass
 class HeadConfig:
     """Which head, how it pools the backbone output, and its size."""
 
-    kind: Literal["linear", "mlp", "fluffy"] = "fluffy"
+    kind: Kind = "fluffy"
     # cls: mean of cls & distillation tokens (AST pooler_output); mean: mean of the patch tokens, AudioMAE's probe
     # input (an MAE-pretrained cls token never gets a training signal); attention: learned queries
-    pooling: Literal["cls", "mean", "attention"] = "cls"
+    pooling: Pooling = "cls"
     hidden: int = 256  # mlp hidden width; fluffy: width of each instrument's head
     dropout: float = 0.1
 

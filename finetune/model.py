@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict
 from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
-AGGREGATES = ("mean", "max")
+Aggregate = Literal["mean", "max"]  # window probabilities -> file probabilities
+AGGREGATES = get_args(Aggregate)
 
 
 class Classifier(AudioEncoder):
@@ -220,7 +221,7 @@ class FileResult:
     def aggregate(self, how: str = "mean") -> np.ndarray:
         """(classes,) file-level probabilities."""
         if how not in AGGREGATES:
-            raise ValueError(f"aggregate must be mean or max; got {how!r}")
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {how!r}")
         return self.probabilities.mean(axis=0) if how == "mean" else self.probabilities.max(axis=0)
 
 

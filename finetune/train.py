@@ -7,45 +7,32 @@ exports `<output_dir>/model/` at every checkpoint and at the end, with per-instr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from core.errors import ArgumentParser, UserError
-from core.recipe import load_recipe, to_dict
+from core.errors import UserError
+from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TrainConfig, check_output_dir, train
 from finetune.adapters import AdaptConfig, prepare
 from finetune.heads import HeadConfig
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
-from finetune.model import AGGREGATES, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model
+from finetune.model import AGGREGATES, Aggregate, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model
 from pretrain.augment import WaveAugment, WaveAugmentConfig
-from pretrain.backbone import Backbone, BackboneConfig, param_groups
+from pretrain.backbone import Backbone, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment
 from pretrain.hub import load_backbone
-from shards.loader import eval_samples, train_batches, validation_mixtures
+from shards.loader import DataConfig, eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
-
-
-@dataclass
-class DataConfig:
-    train: str | list[str] | None = None  # shard directory, pattern or URL list (IRMAS-train shards)
-    val: str | list[str] | None = None  # song-grouped validation shards; thresholds are tuned here
-    clip_seconds: float = 3.0
-    sample_rate: int = 16000
-    mix_max: int = 3  # up to this many clips summed into one polyphonic example
-    mix_probability: float = 0.5
-    same_genre_mix: bool = False
-    shuffle_buffer: int = 512
-    num_workers: int = 0
-    bad_shards: Literal["stop", "skip"] = "stop"  # a shard that does not read: stop the run, or skip it
 
 
 @dataclass
@@ -59,17 +46,18 @@ class AugmentConfig(WaveAugmentConfig):
     num_time_masks: int = 2
 
 
-THRESHOLD_SOURCES = ("mixtures", "clips")
+ThresholdSource = Literal["mixtures", "clips"]
+THRESHOLD_SOURCES = get_args(ThresholdSource)
 
 
 @dataclass
 class EvalConfig:
     hop_seconds: float = 1.5  # window hop when files are longer than a clip
-    aggregate: Literal["mean", "max"] = "mean"
+    aggregate: Aggregate = "mean"
     batch_size: int = 32
     # Per-instrument thresholds are tuned on validation mixtures of 1-4 clips built like test files (`mixtures`),
     # or on the single-instrument validation clips (`clips`), whose thresholds sit too high for polyphonic files.
-    thresholds: Literal["mixtures", "clips"] = "mixtures"
+    thresholds: ThresholdSource = "mixtures"
     mixtures: int = 0  # validation mixtures to build; 0: as many as there are validation clips
     best: str = "map"  # validation metric (of the threshold set) that picks the exported checkpoint; higher is better
 
@@ -77,12 +65,12 @@ class EvalConfig:
 @dataclass
 class FinetuneRecipe:
     backbone: str | None = None  # pretrained backbone folder or Hub id; omit to train from scratch
-    size: str = "tiny"  # backbone size when training from scratch
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone trained from scratch (no `backbone`)
     output_dir: str = "runs/finetune"
     tracking: str = "none"
     run_name: str | None = None
     resume: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(mix_max=3))
     head: HeadConfig = field(default_factory=HeadConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -97,15 +85,18 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
     frontend = FrontendConfig(sample_rate=data.sample_rate)
     frames = frontend.num_frames(round(data.clip_seconds * data.sample_rate))
     if recipe.backbone:
+        if dataclasses.replace(recipe.model, size=ModelConfig.size) != ModelConfig():  # model.size: scratch only
+            raise UserError(f"{source}: model: overrides shape a backbone trained from scratch, but backbone="
+                            f"{recipe.backbone} is given; drop one of the two")
         backbone = load_backbone(recipe.backbone)
         if backbone.config.frontend.sample_rate != data.sample_rate:
             raise UserError(f"{source}: the backbone expects {backbone.config.frontend.sample_rate} Hz audio but "
                             f"data.sample_rate is {data.sample_rate}; set data.sample_rate to match")
     else:
         try:
-            backbone = Backbone(BackboneConfig.from_size(recipe.size, max_frames=frames, frontend=frontend))
+            backbone = Backbone(recipe.model.backbone_config(max_frames=frames, frontend=frontend))
         except ValueError as error:
-            raise UserError(f"{source}: size: {error}") from None
+            raise UserError(f"{source}: model: {error}") from None
     backbone = fit_backbone(backbone, frames, source=source).train()
     try:
         adapters = prepare(backbone, recipe.adapt)
@@ -203,12 +194,15 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
 def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     """Fine-tune as the recipe says; returns the model folder."""
     data = recipe.data
+    if data.views != 1:
+        raise UserError(f"{source}: data.views={data.views}: fine-tuning takes one crop per clip; set data.views=1")
     if not data.train:
         raise UserError(f"{source}: data.train is missing; pass data.train=SHARD_DIR (e.g. demo/shards/irmas-train/train)")
     if recipe.eval.aggregate not in AGGREGATES:
-        raise UserError(f"{source}: eval.aggregate must be mean or max; got {recipe.eval.aggregate!r}")
+        raise UserError(f"{source}: eval.aggregate must be one of {', '.join(AGGREGATES)}; got {recipe.eval.aggregate!r}")
     if recipe.eval.thresholds not in THRESHOLD_SOURCES:
-        raise UserError(f"{source}: eval.thresholds must be mixtures or clips; got {recipe.eval.thresholds!r}")
+        raise UserError(f"{source}: eval.thresholds must be one of {', '.join(THRESHOLD_SOURCES)}; "
+                        f"got {recipe.eval.thresholds!r}")
     if recipe.eval.best not in HEADLINE:
         raise UserError(f"{source}: eval.best must be one of {', '.join(HEADLINE)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)
@@ -232,11 +226,7 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         return criterion(logits, batch["targets"], batch["labelled"]), {}
 
     def batches(epoch: int):
-        return train_batches(data.train, batch_size=recipe.train.batch_size, clip_seconds=data.clip_seconds,
-                             sample_rate=data.sample_rate, mix_max=data.mix_max, mix_probability=data.mix_probability,
-                             same_genre_mix=data.same_genre_mix, shuffle_buffer=data.shuffle_buffer,
-                             num_workers=data.num_workers, seed=recipe.train.seed, epoch=epoch,
-                             bad_shards=data.bad_shards)
+        return data.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
 
     layer_decay = recipe.adapt.layer_decay if recipe.adapt.mode == "full" else 1.0
     groups = param_groups(classifier, backbone=classifier.backbone, lr=recipe.train.lr,
@@ -249,12 +239,11 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
 
 def main(argv: list[str]) -> int:
     """Fine-tune a backbone (a saved folder, a Hub id, or a named size from scratch) from a YAML recipe."""
-    parser = ArgumentParser(prog="python -m finetune", description=main.__doc__)
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune/cpu-synth.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 backbone=PATH")
-    args = parser.parse_args(argv)
-    path = args.recipe
-    recipe = load_recipe(path, args.overrides, FinetuneRecipe, example="recipes/finetune/cpu-synth.yaml")
+    given = recipe_from_argv(argv, FinetuneRecipe, prog="python -m finetune", description=main.__doc__,
+                             example="recipes/finetune/cpu-synth.yaml")
+    if given is None:
+        return 0
+    path, recipe = given
     model_dir = run(recipe, source=path)
     meta_file = model_dir / "finetune.json"
     if meta_file.is_file() and int(os.environ.get("RANK", "0")) == 0:

@@ -13,7 +13,7 @@ AST's Conv2d over the (mels x frames) image: token = f * grid_t + t.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -70,6 +70,27 @@ class BackboneConfig:
         """(frequency patches, time patches) that a Conv2d with this kernel and stride makes of `frames` frames."""
         return ((self.num_mel_bins - self.patch_size) // self.frequency_stride + 1,
                 (frames - self.patch_size) // self.time_stride + 1)
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` section of both recipe schemas: a named size (SIZES) and any overrides (None keeps the size's)."""
+
+    size: str = "tiny"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    patch_size: int | None = None  # non-overlapping patches of this size
+    dropout: float | None = None
+
+    def backbone_config(self, *, max_frames: int, frontend: FrontendConfig) -> BackboneConfig:
+        """The BackboneConfig it names; raises ValueError for an unknown size or impossible shapes."""
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "size"}
+        overrides = {name: value for name, value in overrides.items() if value is not None}
+        if "patch_size" in overrides:
+            overrides["frequency_stride"] = overrides["time_stride"] = overrides["patch_size"]
+        return BackboneConfig.from_size(self.size, max_frames=max_frames, frontend=frontend, **overrides)
 
 
 def patchify(features: Tensor, patch: int) -> Tensor:

@@ -3,10 +3,10 @@
 Runs the same under `accelerate launch -m pretrain RECIPE.yaml ...` (DDP over GPUs, nodes or CPU processes).
 A recipe is plain YAML read into `PretrainRecipe`:
 
-    data:        shards (list of shard dirs / URLs), clip_seconds, mix_max, mix_probability, same_genre_mix,
-                 views, shuffle_buffer, batches_per_epoch, num_workers
-    model:       size (tiny | small | base) and optional hidden_size, num_layers, num_heads, intermediate_size,
-                 patch_size, dropout; max_frames is derived from data.clip_seconds
+    data:        shards.loader.DataConfig, shared with fine-tuning: train (shard dirs / URLs), clip_seconds,
+                 sample_rate, mix_max, mix_probability, same_genre_mix, views, shuffle_buffer, batches_per_epoch, ...
+    model:       pretrain.backbone.ModelConfig, shared with fine-tuning: size (cpu-2 | cpu-4 | tiny | small | base)
+                 and optional overrides; max_frames is derived from data.clip_seconds
     objectives:  mae / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
     train:       core.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
     tracking:    none | wandb | tensorboard        run_name, output_dir, resume (null | auto | checkpoint dir)
@@ -17,49 +17,22 @@ checkpoint and at the end, with a model card naming the data, objectives, recipe
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from core.errors import ArgumentParser, UserError
-from core.recipe import load_recipe, to_dict
+from core.errors import UserError
+from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TRACKERS, TrainConfig, train
-from pretrain.backbone import BackboneConfig, param_groups
+from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
-from shards.loader import shard_urls, train_batches
-
-DEMO_SHARDS = ["demo/shards/unlabeled/train", "demo/shards/irmas-train/train"]
-
-
-@dataclass
-class DataConfig:
-    shards: list[str] = field(default_factory=lambda: list(DEMO_SHARDS))
-    clip_seconds: float = 3.0
-    mix_max: int = 1  # up to this many clips summed into one example (labels unioned)
-    mix_probability: float = 0.5
-    same_genre_mix: bool = False
-    views: int = 1  # crops per clip; the metric objective augments one crop twice when 1
-    shuffle_buffer: int = 512
-    batches_per_epoch: int | None = None  # default: one pass over the shards
-    num_workers: int = 0
-    bad_shards: Literal["stop", "skip"] = "stop"  # a shard that does not read: stop the run, or skip it
-
-
-@dataclass
-class ModelConfig:
-    size: str = "tiny"
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    num_heads: int | None = None
-    intermediate_size: int | None = None
-    patch_size: int | None = None
-    dropout: float | None = None
+from shards.loader import DataConfig, shard_urls
 
 
 @dataclass
@@ -75,15 +48,12 @@ class PretrainRecipe:
 
 
 def backbone_config(recipe: PretrainRecipe, *, source: str | Path) -> BackboneConfig:
-    """The recipe's size plus overrides; max_frames = the frames of one training clip."""
-    frontend = FrontendConfig()
-    max_frames = frontend.num_frames(round(recipe.data.clip_seconds * frontend.sample_rate))
-    overrides = {f.name: getattr(recipe.model, f.name) for f in fields(ModelConfig) if f.name != "size"}
-    overrides = {name: value for name, value in overrides.items() if value is not None}
-    if "patch_size" in overrides:
-        overrides["frequency_stride"] = overrides["time_stride"] = overrides["patch_size"]
+    """The recipe's model section; max_frames = the frames of one training clip."""
+    frontend = FrontendConfig(sample_rate=recipe.data.sample_rate)
     try:
-        return BackboneConfig.from_size(recipe.model.size, max_frames=max_frames, frontend=frontend, **overrides)
+        return recipe.model.backbone_config(max_frames=frontend.num_frames(round(recipe.data.clip_seconds
+                                                                                  * frontend.sample_rate)),
+                                            frontend=frontend)
     except ValueError as error:
         raise UserError(f"{source}: model: {error}") from None
 
@@ -95,7 +65,12 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     if recipe.tracking not in TRACKERS:
         raise UserError(f"{source}: tracking: unknown tracker {recipe.tracking!r}; use one of {', '.join(TRACKERS)}")
     data = recipe.data
-    urls = [url for spec in data.shards for url in shard_urls(spec)]
+    if not data.train:
+        raise UserError(f"{source}: data.train is missing; pass data.train=[SHARD_DIR, ...] (e.g. "
+                        "demo/shards/unlabeled/train)")
+    if data.val:
+        raise UserError(f"{source}: data.val is not used by pretraining; remove it (fine-tuning recipes take it)")
+    urls = shard_urls(data.train)
     output_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)  # the same initial weights on every rank
     config = backbone_config(recipe, source=source)
@@ -104,20 +79,16 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
+    stream = dataclasses.replace(data, train=urls)
+
     def batches(epoch: int):
-        return train_batches(
-            urls, batch_size=recipe.train.batch_size, clip_seconds=data.clip_seconds,
-            sample_rate=config.frontend.sample_rate, mix_max=data.mix_max, mix_probability=data.mix_probability,
-            same_genre_mix=data.same_genre_mix, views=data.views, shuffle_buffer=data.shuffle_buffer,
-            batches_per_epoch=data.batches_per_epoch, num_workers=data.num_workers, seed=recipe.train.seed,
-            epoch=epoch, bad_shards=data.bad_shards,
-        )
+        return stream.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
 
     def export(trained: Pretrainer, directory: Path) -> None:
         state = json.loads((directory / "trainer_state.json").read_text())
         save_pretrained(trained.backbone, directory / "backbone", card={
             "name": recipe.run_name or f"Timbre {recipe.model.size} ({' + '.join(recipe.objectives.enabled())})",
-            "data": list(data.shards),
+            "data": urls,
             "objectives": {name: f"weight {getattr(recipe.objectives, name).weight}"
                            for name in recipe.objectives.enabled()},
             "steps": state["step"],
@@ -137,14 +108,13 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(
-        prog="python -m pretrain", description="Pretrain a spectrogram transformer from a YAML recipe."
-    )
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/pretrain/mae-tiny-synth.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides, PretrainRecipe)
-    _, state = run(recipe, source=args.recipe)
+    """Pretrain a spectrogram transformer from a YAML recipe."""
+    given = recipe_from_argv(argv, PretrainRecipe, prog="python -m pretrain", description=main.__doc__,
+                             example="recipes/pretrain/mae-tiny-synth.yaml")
+    if given is None:
+        return 0
+    path, recipe = given
+    _, state = run(recipe, source=path)
     if PartialState().is_main_process:
         logs = state["logs"]
         losses = ", ".join(f"{name} {logs[name]:.4f}" for name in ("mae", "electra", "metric") if name in logs)

@@ -33,11 +33,11 @@ import tarfile
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from itertools import count, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 import braceexpand
@@ -55,7 +55,8 @@ from shards.format import MANIFEST, SAMPLE_FILES, Batch, SampleMeta
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"
-BAD_SHARD_POLICIES = ("stop", "skip")  # what training does with a shard that does not read
+BadShards = Literal["stop", "skip"]  # what training does with a shard that does not read
+BAD_SHARD_POLICIES = get_args(BadShards)
 MIX_GAIN_DB = (-6.0, 0.0)  # random gain of each clip in a mixture, after matching loudness to the first clip
 MIX_POOL = 32  # recent clips that mixing partners are drawn from
 PEAK = 0.99  # mixtures louder than this are scaled down, never clipped
@@ -653,3 +654,27 @@ def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
         out.append(dict(audio=torch.from_numpy(mixed.audio[0].astype(np.float32)), instruments=instruments,
                         targets=torch.from_numpy(vocab.multi_hot(instruments)), key=mixed.key))
     return out
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section of both recipe schemas (pretraining and fine-tuning): which shards, and how they become
+    batches (the arguments of `train_batches`)."""
+
+    train: str | list[str] | None = None  # shard directories, patterns or URLs streamed for training
+    val: str | list[str] | None = None  # song-grouped validation shards (fine-tuning: thresholds, best checkpoint)
+    clip_seconds: float = 3.0
+    sample_rate: int = 16000
+    mix_max: int = 1  # up to this many clips summed into one polyphonic example, labels unioned ...
+    mix_probability: float = 0.5  # ... for this share of the examples
+    same_genre_mix: bool = False
+    views: int = 1  # crops per clip (contrastive pretraining)
+    shuffle_buffer: int = 512
+    batches_per_epoch: int | None = None  # default: one pass over the shards
+    num_workers: int = 0
+    bad_shards: BadShards = "stop"  # a shard that does not read: stop the run, or skip it
+
+    def batches(self, *, batch_size: int, seed: int, epoch: int) -> Iterable[Batch]:
+        """`train_batches` over `train` with this section's settings."""
+        stream = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("train", "val")}
+        return train_batches(self.train, batch_size=batch_size, seed=seed, epoch=epoch, **stream)

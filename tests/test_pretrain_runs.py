@@ -67,7 +67,7 @@ def shards(tmp_path_factory) -> list[str]:
 def tiny_recipe(path: Path, shards: list[str], output_dir: Path, **train) -> Path:
     """A deterministic tiny run with all three objectives."""
     recipe = {
-        "data": {"shards": shards, "clip_seconds": 1.0, "shuffle_buffer": 16, "mix_max": 2},
+        "data": {"train": shards, "clip_seconds": 1.0, "shuffle_buffer": 16, "mix_max": 2},
         "model": {"size": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
         "objectives": {
             "mae": {"weight": 1.0, "decoder_hidden_size": 32, "decoder_layers": 1, "decoder_heads": 2,
@@ -183,7 +183,7 @@ def test_shipped_recipes_load_and_name_unknown_keys(tmp_path):
     for path in sorted((ROOT / "recipes" / "pretrain").glob("*.yaml")):
         recipe = load_recipe(path, [], PretrainRecipe)
         assert recipe.objectives.enabled(), path
-        assert recipe.output_dir and recipe.data.shards
+        assert recipe.output_dir and recipe.data.train
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(UserError, match="train.stepz"):
@@ -201,4 +201,4 @@ def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path):
     with pytest.raises(UserError, match=r"recipe.yaml: model: unknown backbone size 'huge'"):
         main([str(recipe), "model.size=huge"])
     with pytest.raises(UserError, match="no such shard"):
-        main([str(recipe), f"data.shards=[{tmp_path / 'missing'}]"])
+        main([str(recipe), f"data.train=[{tmp_path / 'missing'}]"])

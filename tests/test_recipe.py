@@ -1,7 +1,12 @@
+import importlib
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from core.errors import UserError
 from core.recipe import load_recipe
@@ -62,3 +67,21 @@ def test_mistakes_name_the_key_and_the_file(tmp_path, text, overrides, message):
         load_recipe(path, overrides, Recipe)
     assert str(path) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("command, recipe, schema", [
+    ("finetune", "recipes/finetune/cpu-synth.yaml", "finetune.train:FinetuneRecipe"),
+    ("pretrain", "recipes/pretrain/mae-tiny-synth.yaml", "pretrain.train:PretrainRecipe"),
+])
+def test_print_recipe_shows_the_effective_recipe_and_it_loads_back(command, recipe, schema, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", command, recipe, "train.steps=7", "data.clip_seconds=2.5",
+                             "--print-recipe"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["steps"] == 7 and printed["data"]["clip_seconds"] == 2.5
+    assert printed["train"]["precision"] == "fp32" and "views" in printed["data"]  # defaults filled in
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    (tmp_path / "effective.yaml").write_text(result.stdout)
+    assert load_recipe(tmp_path / "effective.yaml", [], cls) == load_recipe(recipe, ["train.steps=7",
+                                                                                     "data.clip_seconds=2.5"], cls)

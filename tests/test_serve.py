@@ -23,6 +23,7 @@ import torch
 from finetune.model import load_model, save_model
 from finetune.predict import predict
 from finetune.train import FinetuneRecipe, build_classifier, model_info
+from pretrain.backbone import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -47,7 +48,7 @@ def wav(seconds: float, *, rate: int = RATE, seed: int = 0) -> bytes:
 def model_dir(tmp_path_factory) -> Path:
     """A cpu-2 classifier with 1 s windows, saved as fine-tuning saves it (serving needs no training)."""
     torch.manual_seed(0)
-    recipe = FinetuneRecipe(size="cpu-2")
+    recipe = FinetuneRecipe(model=ModelConfig(size="cpu-2"))
     recipe.data.clip_seconds = 1.0
     recipe.eval.hop_seconds = 0.5
     return save_model(build_classifier(recipe).eval(), tmp_path_factory.mktemp("served") / "model", model_info(recipe))

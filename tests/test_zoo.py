@@ -135,7 +135,7 @@ def test_pretrain_commands(zoo, capsys, case):
     argv, message = PRETRAIN[case]
     if case == "output_dir is a file":  # a pretraining recipe pointed at the zoo's shards
         recipe = zoo["root"] / "pretrain.yaml"
-        recipe.write_text(yaml.safe_dump({"data": {"shards": [str(zoo["shards"] / "train")], "clip_seconds": 1.0},
+        recipe.write_text(yaml.safe_dump({"data": {"train": [str(zoo["shards"] / "train")], "clip_seconds": 1.0},
                                           "model": {"size": "cpu-2"}, "train": {"steps": 1, "batch_size": 2}}))
         argv = [str(recipe), *argv[1:]]
     before = fingerprint(zoo["run"])
@@ -149,7 +149,7 @@ def test_a_finished_run_is_never_overwritten(zoo, capsys):
     line = fails(capsys, finetune_main, [zoo["recipe"]], names=(zoo["run"],))
     assert "already holds a finished run (step 2 of 2)" in line and "resume=auto" in line
     recipe = zoo["root"] / "pretrain-into-run.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"shards": [str(zoo["shards"] / "train")], "clip_seconds": 1.0},
+    recipe.write_text(yaml.safe_dump({"data": {"train": [str(zoo["shards"] / "train")], "clip_seconds": 1.0},
                                       "model": {"size": "cpu-2"}, "output_dir": str(zoo["run"])}))
     fails(capsys, pretrain_main, [recipe], names=(zoo["run"], "already holds a finished run"))
     assert fingerprint(zoo["run"]) == before
