@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -91,6 +92,20 @@ def environment_problem() -> str | None:
         return (f"the installed {' and '.join(versions)} do not load together ({cause}); "
                 "reinstall the locked versions with `make install` (or `pip install -r requirements.lock`)")
     return None
+
+
+def dispatch(argv: list[str], *, prog: str, commands: dict[str, tuple[str, str]], default: tuple[str, str],
+             footer: str = "") -> int | None:
+    """`prog COMMAND ARGS...` -> the `module:function` that `commands[COMMAND]` names, imported only when chosen;
+    anything else -> `default` (a recipe, for the training commands). Each entry is (target, "SYNOPSIS  what it does");
+    the usage text is made from the table. (argparse subparsers cannot fall back to a default command.)"""
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {prog} {default[1]}"] + [f"  {prog} {name} {synopsis}" for name, (_, synopsis) in commands.items()]
+        print("\n".join(["usage:", *lines] + ([f"\n{footer}"] if footer else [])), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    target, rest = (commands[argv[0]][0], argv[1:]) if argv[0] in commands else (default[0], argv)
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:

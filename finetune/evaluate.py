@@ -1,4 +1,4 @@
-"""`python -m finetune evaluate MODEL DATA` and `python -m finetune embed MODEL DATA --out FILE.png`.
+"""`python -m finetune evaluate MODEL DATA` and `python -m finetune plot-embeddings MODEL DATA --out FILE.png`.
 
 DATA is an IRMAS test folder (parsed by `shards.sources` as `irmas-test`) or test shards. Whole files are cut into
 windows of the training clip length (see `finetune.model.infer`), and the model's thresholds decide presence from the
@@ -231,9 +231,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def embed_main(argv: list[str]) -> int:
+def plot_embeddings_main(argv: list[str]) -> int:
     """Map clip embeddings of a fine-tuned model in 2-D, coloured by instrument and by genre."""
-    parser = ArgumentParser(prog="python -m finetune embed", description=embed_main.__doc__)
+    parser = ArgumentParser(prog="python -m finetune plot-embeddings", description=plot_embeddings_main.__doc__)
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("data", help="IRMAS test folder or shard directory/URLs (shards carry genres)")
     parser.add_argument("--out", required=True, help="PNG file to write")

@@ -1,15 +1,17 @@
-"""`python -m pretrain RECIPE.yaml [key=value ...]`, `python -m pretrain embed ...`, `python -m pretrain publish ...`."""
+"""`python -m pretrain RECIPE.yaml [key=value ...]` and its commands: embed, publish."""
 
 from __future__ import annotations
 
 import sys
 
-from core.errors import ArgumentParser, run_cli
+from core.errors import ArgumentParser, dispatch, run_cli
 
-USAGE = """usage:
-  python -m pretrain RECIPE.yaml [key=value ...]        pretrain a backbone (under accelerate launch too)
-  python -m pretrain embed BACKBONE AUDIO_OR_SHARDS... --out FILE.npz
-  python -m pretrain publish DIR --repo-id USER/NAME [--private] [--dry-run]"""
+COMMANDS = {
+    "embed": ("pretrain.embed:main", "BACKBONE AUDIO_OR_SHARDS... --out FILE.npz   clip embeddings for downstream use"),
+    "publish": ("pretrain.__main__:publish_main",
+                "DIR --repo-id USER/NAME [--private] [--dry-run]   upload a backbone folder to the Hub"),
+}
+TRAIN = ("pretrain.train:main", "RECIPE.yaml [key=value ...] [--print-recipe]   pretrain a backbone (under accelerate launch too)")
 
 
 def publish_main(argv: list[str]) -> int:
@@ -32,19 +34,7 @@ def publish_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] == "embed":
-        from pretrain.embed import main as embed_main
-
-        return embed_main(argv[1:])
-    if argv[0] == "publish":
-        return publish_main(argv[1:])
-    from pretrain.train import main as train_main
-
-    return train_main(argv)
+    return dispatch(sys.argv[1:] if argv is None else argv, prog="python -m pretrain", commands=COMMANDS, default=TRAIN)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def test_bf16_inference_stays_close_to_fp32(trained, data, tmp_path):
 
 
 def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
-    from finetune.evaluate import embed_main, evaluate
+    from finetune.evaluate import evaluate, plot_embeddings_main
 
     model = load_model(trained, device="cpu")
     report = evaluate(model, str(data["val"]), out=tmp_path / "report")
@@ -315,7 +315,7 @@ def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
     # the single validation clips, scored with the thresholds tuned on the validation mixtures
     assert report["macro_f1"] == pytest.approx(json.loads((trained / "finetune.json").read_text())
                                                ["validation"]["clips_macro_f1"], abs=1e-6)
-    assert embed_main([str(trained), str(data["val"]), "--out", str(tmp_path / "map.png"), "--method", "pca"]) == 0
+    assert plot_embeddings_main([str(trained), str(data["val"]), "--out", str(tmp_path / "map.png"), "--method", "pca"]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
 
 

@@ -203,7 +203,8 @@ def test_predict_expands_folders_like_embed(zoo, capsys):
 @pytest.mark.parametrize("main, argv", [
     (shards_main, ["pack"]), (shards_main, []), (pretrain_main, ["embed"]), (pretrain_main, ["publish"]),
     (pretrain_main, ["RECIPE.yaml"]), (finetune_main, ["RECIPE.yaml"]), (finetune_main, ["evaluate"]),
-    (finetune_main, ["predict"]), (finetune_main, ["yardsticks"]),
+    (finetune_main, ["predict"]), (finetune_main, ["yardsticks"]), (finetune_main, ["serve"]),
+    (finetune_main, ["plot-embeddings"]),
 ])
 def test_every_command_answers_help_and_version(main, argv, capsys):
     for flag in ("--help", "--version"):
