@@ -17,7 +17,7 @@ API
         recipe=None,                      # dict, logged as the run config
         resume=None | "auto" | "path/to/checkpoints/step-000100",
         param_groups=None,                # AdamW groups, e.g. [{"params": [...], "lr": 1e-4}]; default: trainable params
-        export=None,                      # (unwrapped model, output_dir) -> None or {name: float}; main process;
+        export=None,                      # (unwrapped model, output_dir, state) -> None or {name: float}; main process;
                                           # each checkpoint + end; returned values are logged as "val/<name>"
         images=None,                      # (unwrapped model, batch) -> {name: HxWx3 uint8}; main process; every image_every
     )                                     # returns the unwrapped, trained model
@@ -34,11 +34,12 @@ Conventions the callers rely on:
 - `batches(epoch)` must give every rank the same number of batches (the shards loader does); when an epoch runs
   out, the loop continues with `batches(epoch + 1)`. Resume re-creates the interrupted epoch and skips the batches
   already consumed, so a deterministic loader resumes at exactly the same sample.
-- The learning rate of every param group follows `lr_factor(step)` times its own `lr` (default `config.lr`).
+- The learning rate of every param group follows transformers' `get_cosine_schedule_with_warmup` (linear warmup over
+  `warmup_steps` from 0, cosine decay to 0 at `steps`) times its own `lr` (default `config.lr`).
 - `export` and `images` run on the main process only and must not use collectives. What `export` returns (validation
-  metrics, say) is logged to the tracker under `val/` at that step and printed as one line. Before each `export` call the
-  loop writes `<output_dir>/trainer_state.json` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s",
-  "finished"}, which an export can put in a model card.
+  metrics, say) is logged to the tracker under `val/` at that step and printed as one line. Each `export` call gets
+  `state` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s", "finished"}, which an export can put in
+  a model card; the loop also writes it to `<output_dir>/trainer_state.json`.
 - Checkpoints: `<output_dir>/checkpoints/step-000100/` (Accelerate `save_state` + `trainer_state.json` with the
   schedule and data-stream position), written under a temporary name and renamed, so a kill during a save leaves
   the previous checkpoint intact; the last `keep_checkpoints` are kept; a final one is written at the end.
@@ -58,7 +59,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import random
 import re
@@ -77,7 +77,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
 from torch import Tensor, nn
-from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from core.errors import UserError
 from core.progress import progress_bar
@@ -118,14 +118,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1; got {self.keep_checkpoints}")
-
-
-def lr_factor(step: int, *, warmup_steps: int, steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class BatchStream:
@@ -199,14 +191,50 @@ def train(
     recipe: dict | None = None,
     resume: str | None = None,
     param_groups: list[dict] | None = None,
-    export: Callable[[nn.Module, Path], dict[str, float] | None] | None = None,
+    export: Callable[[nn.Module, Path, dict], dict[str, float] | None] | None = None,
     images: Callable[[nn.Module, dict], dict[str, np.ndarray]] | None = None,
 ) -> nn.Module:
     """Train `model` for `config.steps` optimiser steps; see the module docstring for the contract."""
+    output_dir = Path(output_dir)
+    accelerator = _accelerator(config, output_dir, tracking, resume)
+    run = _Run(accelerator=accelerator, config=config, output_dir=output_dir, export=export)
+    run.prepare(model, param_groups, batches)
+    resumed = run.resume(_resume_path(resume, output_dir / "checkpoints"))
+    if tracking != "none":
+        accelerator.init_trackers(
+            run_name or output_dir.name or "timbre",
+            config=_flatten(recipe or {"train": vars(config)}),
+            init_kwargs={"wandb": _wandb_kwargs(output_dir, run_name, resumed)} if tracking == "wandb" else {},
+        )
+    run.progress = progress_bar(total=config.steps, initial=run.step, enabled=accelerator.is_main_process,
+                                desc="train")
+    exported = False
+    run.model.train()
+    while run.step < config.steps:
+        batch = run.optimiser_step(loss_fn)
+        pause_start = time.perf_counter()
+        if run.step % config.log_every == 0 or run.step == config.steps:
+            run.log()
+        if images is not None and config.image_every and run.step % config.image_every == 0:
+            if accelerator.is_main_process:
+                _log_images(accelerator, accelerator.unwrap_model(run.model), images, batch, run.step, output_dir)
+            accelerator.wait_for_everyone()
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+            run.checkpoint()
+            run.export_model(finished=run.step == config.steps)
+            exported = run.step == config.steps
+        run.paused += time.perf_counter() - pause_start
+    run.progress.close()
+    if not exported:  # resumed from a checkpoint at or past the last step
+        run.export_model(finished=True)
+    accelerator.end_training()
+    return accelerator.unwrap_model(run.model)
+
+
+def _accelerator(config: TrainConfig, output_dir: Path, tracking: str, resume: str | None) -> Accelerator:
+    """Check the run's folder and the launch, then make the Accelerator (precision, compile, tracker, DDP)."""
     if tracking not in TRACKERS:
         raise UserError(f"tracking: unknown tracker {tracking!r}; use one of {', '.join(TRACKERS)}")
-    output_dir = Path(output_dir)
-    checkpoints = output_dir / "checkpoints"
     check_output_dir(output_dir, resume)
     if tracking == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
@@ -231,90 +259,106 @@ def train(
             "--config_file recipes/accelerate/cpu-2.yaml -m pretrain RECIPE.yaml"
         )
     set_seed(config.seed, device_specific=True)
-    resume_from = _resume_path(resume, checkpoints)
+    checkpoints = output_dir / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+    return accelerator
 
-    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    # fused: one kernel per parameter; the default per-tensor loop costs ~13 ms a step for the tiny MAE's 183 tensors on
-    # a CPU, ~4 ms fused, which is 5-9% of a step.
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
-                                  fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps)
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    step, stream = 0, BatchStream(batches)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        schedule.load_state_dict(state["schedule"])
-        step = state["step"]
-        stream = BatchStream(batches, epoch=state["epoch"], consumed=state["consumed"])
-        stream.restore()
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+@dataclass
+class _Run:
+    """One training run's moving parts between steps: model, optimiser, schedule, data position, running logs."""
 
-    if tracking != "none":
-        accelerator.init_trackers(
-            run_name or output_dir.name or "timbre",
-            config=_flatten(recipe or {"train": vars(config)}),
-            init_kwargs={"wandb": _wandb_kwargs(output_dir, run_name, resume_from is not None)} if tracking == "wandb" else {},
-        )
+    accelerator: Accelerator
+    config: TrainConfig
+    output_dir: Path
+    export: Callable[[nn.Module, Path, dict], dict[str, float] | None] | None
+    step: int = 0
+    progress: Any = None
+    paused: float = 0.0  # seconds spent checkpointing, exporting and drawing since the last log (not training)
 
-    progress = progress_bar(total=config.steps, initial=step, enabled=accelerator.is_main_process, desc="train")
-    sums: dict[str, Tensor | float] = defaultdict(float)
-    count, clips, last_time, paused = 0, 0, time.perf_counter(), 0.0
-    summary = _previous_summary(output_dir) if resume_from is not None else {"logs": {}, "clips_per_s": 0.0}
-    exported = False
-    model.train()
-    while step < config.steps:
+    def prepare(self, model: nn.Module, param_groups: list[dict] | None, batches: Callable[[int], Iterable[dict]]
+                ) -> None:
+        config = self.config
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        # fused: one kernel per parameter; the default per-tensor loop costs ~13 ms a step for the tiny MAE's 183
+        # tensors on a CPU, ~4 ms fused, which is 5-9% of a step.
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas),
+                                      weight_decay=config.weight_decay, fused=True)
+        self.schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.batches, self.stream = batches, BatchStream(batches)
+        self.sums: dict[str, Tensor | float] = defaultdict(float)
+        self.count, self.clips, self.last_time = 0, 0, time.perf_counter()
+        self.summary = {"logs": {}, "clips_per_s": 0.0}
+
+    def resume(self, checkpoint: Path | None) -> bool:
+        """Model, optimiser, schedule, RNG and data position from `checkpoint`; False when there is none."""
+        if checkpoint is None:
+            return False
+        self.accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = state["step"]
+        self.stream = BatchStream(self.batches, epoch=state["epoch"], consumed=state["consumed"])
+        self.stream.restore()
+        self.summary = _previous_summary(self.output_dir)
+        self.accelerator.print(f"resumed from {checkpoint} at step {self.step}")
+        return True
+
+    def optimiser_step(self, loss_fn: Callable) -> dict:
+        """`grad_accum` batches forward and backward, clip, one optimiser and schedule step; the last batch."""
+        accelerator, config = self.accelerator, self.config
         for micro in range(config.grad_accum):
-            batch = send_to_device(next(stream), accelerator.device, non_blocking=True)
-            clips += _batch_size(batch) * accelerator.num_processes
+            batch = send_to_device(next(self.stream), accelerator.device, non_blocking=True)
+            self.clips += _batch_size(batch) * accelerator.num_processes
             sync = micro == config.grad_accum - 1
-            with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
-                loss, logs = loss_fn(model, batch, step)
+            with accelerator.no_sync(self.model) if not sync else nullcontext(), accelerator.autocast():
+                loss, logs = loss_fn(self.model, batch, self.step)
             accelerator.backward(loss / config.grad_accum)
             for name, value in {"loss": loss, **logs}.items():  # tensors stay on the device until logging
-                sums[name] += (value.detach() if isinstance(value, Tensor) else value) / config.grad_accum
+                self.sums[name] += (value.detach() if isinstance(value, Tensor) else value) / config.grad_accum
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        sums["grad_norm"] += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        count += 1
-        progress.update(1)
+        self.sums["grad_norm"] += accelerator.clip_grad_norm_(self.model.parameters(), max_norm).detach()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.count += 1
+        self.progress.update(1)
+        return batch
 
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - last_time - paused  # clips/s of training, not of saving
-            logs = {name: float(value) / count for name, value in sums.items()}
-            logs["lr"] = schedule.get_last_lr()[0]
-            logs["clips_per_s"] = clips / max(elapsed, 1e-9)
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", clips_s=f"{logs['clips_per_s']:.1f}")
-            summary = {"logs": logs, "clips_per_s": logs["clips_per_s"]}
-            sums.clear()
-            count, clips, last_time, paused = 0, 0, time.perf_counter(), 0.0
-        pause_start = time.perf_counter()
-        if images is not None and config.image_every and step % config.image_every == 0:
-            if accelerator.is_main_process:
-                _log_images(accelerator, accelerator.unwrap_model(model), images, batch, step, output_dir)
-            accelerator.wait_for_everyone()
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(accelerator, schedule, stream, step, checkpoints, config.keep_checkpoints)
-            _export(accelerator, model, export, output_dir, step, config, stream, summary, step == config.steps,
-                    progress)
-            exported = step == config.steps
-        paused += time.perf_counter() - pause_start
-    progress.close()
-    if not exported:  # resumed from a checkpoint at or past the last step
-        _export(accelerator, model, export, output_dir, step, config, stream, summary, True, progress)
-    accelerator.end_training()
-    return accelerator.unwrap_model(model)
+    def log(self) -> None:
+        """Averages since the last log, the lr and clips/s of training (not of saving) to the tracker and the bar."""
+        elapsed = time.perf_counter() - self.last_time - self.paused
+        logs = {name: float(value) / self.count for name, value in self.sums.items()}
+        logs["lr"] = self.schedule.get_last_lr()[0]
+        logs["clips_per_s"] = self.clips / max(elapsed, 1e-9)
+        self.accelerator.log(logs, step=self.step)
+        self.progress.set_postfix(loss=f"{logs['loss']:.4f}", clips_s=f"{logs['clips_per_s']:.1f}")
+        self.summary = {"logs": logs, "clips_per_s": logs["clips_per_s"]}
+        self.sums.clear()
+        self.count, self.clips, self.last_time, self.paused = 0, 0, time.perf_counter(), 0.0
+
+    def checkpoint(self) -> None:
+        _checkpoint(self.accelerator, self.schedule, self.stream, self.step, self.output_dir / "checkpoints",
+                    self.config.keep_checkpoints)
+
+    def export_model(self, *, finished: bool) -> None:
+        """Write trainer_state.json and call the export hook with that state (main process); log what it returns."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            state = {"step": self.step, "steps": self.config.steps, "epoch": self.stream.epoch, "finished": finished,
+                     **self.summary}
+            (self.output_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            metrics = self.export(accelerator.unwrap_model(self.model), self.output_dir, state) if self.export else None
+            if metrics:
+                accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=self.step)
+                self.progress.write(f"step {self.step} validation: " + "  ".join(f"{name} {value:.3f}"
+                                                                              for name, value in metrics.items()))
+        accelerator.wait_for_everyone()
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -368,7 +412,8 @@ def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:
 def _checkpoint(
     accelerator: Accelerator, schedule: Any, stream: BatchStream, step: int, checkpoints: Path, keep: int
 ) -> None:
-    """save_state into a temporary folder, then rename: a kill at any point leaves the last checkpoint usable."""
+    """save_state into a temporary folder, then rename: a kill at any point leaves the last checkpoint usable.
+    (Accelerate's automatic_checkpoint_naming/total_limit would save in place, losing that; hence our own.)"""
     final = checkpoints / f"step-{step:06d}"
     temporary = checkpoints / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
@@ -385,29 +430,6 @@ def _checkpoint(
         complete = sorted(p for p in checkpoints.glob("step-*") if CHECKPOINT_PATTERN.match(p.name))
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _export(
-    accelerator: Accelerator,
-    model: nn.Module,
-    export: Callable[[nn.Module, Path], None] | None,
-    output_dir: Path,
-    step: int,
-    config: TrainConfig,
-    stream: BatchStream,
-    summary: dict,
-    finished: bool,
-    progress: tqdm,
-) -> None:
-    if accelerator.is_main_process:
-        state = {"step": step, "steps": config.steps, "epoch": stream.epoch, "finished": finished, **summary}
-        (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        metrics = export(accelerator.unwrap_model(model), output_dir) if export is not None else None
-        if metrics:
-            accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=step)
-            progress.write(f"step {step} validation: " + "  ".join(f"{name} {value:.3f}"
-                                                                    for name, value in metrics.items()))
     accelerator.wait_for_everyone()
 
 

@@ -161,10 +161,9 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
     previous = output_dir / "model" / "finetune.json"  # a resumed run keeps the best model it already exported
     best = json.loads(previous.read_text()).get("validation", {}).get("best") if resumed and previous.is_file() else None
 
-    def export(classifier: nn.Module, output_dir: Path) -> dict[str, float]:
+    def export(classifier: nn.Module, output_dir: Path, state: dict) -> dict[str, float]:
         nonlocal best
         info = model_info(recipe)
-        state = json.loads((output_dir / "trainer_state.json").read_text())
         logged: dict[str, float] = {}
         if sets is not None:
             scored = {name: predict_set(classifier, info, examples, batch_size=recipe.eval.batch_size)

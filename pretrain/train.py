@@ -84,8 +84,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     def batches(epoch: int):
         return stream.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
 
-    def export(trained: Pretrainer, directory: Path) -> None:
-        state = json.loads((directory / "trainer_state.json").read_text())
+    def export(trained: Pretrainer, directory: Path, state: dict) -> None:
         save_pretrained(trained.backbone, directory / "backbone", card={
             "name": recipe.run_name or f"Timbre {recipe.model.size} ({' + '.join(recipe.objectives.enabled())})",
             "data": urls,
