@@ -63,7 +63,8 @@ from pretrain.frontend import LogMel
 from shards.format import MANIFEST
 from shards.loader import eval_samples
 from shards.sources import TRAIN_DIR, scan
-from shards.synth import FLUIDR3, TEST_DIR, bundled_soundfont
+from shards.synth.plans import TEST_DIR
+from shards.synth.render import FLUIDR3, bundled_soundfont
 from shards.vocab import INSTRUMENTS
 
 ROOT = Path(__file__).resolve().parent.parent

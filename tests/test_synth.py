@@ -15,13 +15,14 @@ import soundfile as sf
 
 from core.errors import UserError
 from shards import synth
-from shards.sources import scan
+from shards.sources import TRAIN_DIR, scan
+from shards.synth import music, plans, render
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS, parse_instruments
 
 pytestmark = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="FluidSynth is not installed")
 
 OPTIONS = dict(train_per_class=2, test_files=3, unlabeled=3, seed=7)
-TRAIN_FRAMES = round(synth.TRAIN_SECONDS * synth.SAMPLE_RATE)
+TRAIN_FRAMES = round(plans.TRAIN_SECONDS * render.SAMPLE_RATE)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def wavs(root: Path) -> list[Path]:
 
 
 def test_layout_parses_as_irmas(tree):
-    train = scan("irmas-train", tree / synth.TRAIN_DIR)
+    train = scan("irmas-train", tree / TRAIN_DIR)
     assert not train.skips and not train.ignored
     assert [r.instruments for r in train.records].count(("cel",)) == OPTIONS["train_per_class"]
     assert sorted({r.instruments[0] for r in train.records}) == sorted(INSTRUMENTS)
@@ -47,13 +48,13 @@ def test_layout_parses_as_irmas(tree):
     songs = {r.song for r in train.records}
     assert len(songs) < len(train.records)  # some songs have several __K excerpts
 
-    test = scan("irmas-test", tree / synth.TEST_DIR)
+    test = scan("irmas-test", tree / plans.TEST_DIR)
     assert not test.skips and len(test.records) == OPTIONS["test_files"]
     for record in test.records:
         assert 1 <= len(record.instruments) <= 4
-        assert record.relpath.startswith(f"{synth.TEST_INNER_DIR}/") and re.search(r"-\d+\.wav$", record.relpath)
+        assert record.relpath.startswith(f"{plans.TEST_INNER_DIR}/") and re.search(r"-\d+\.wav$", record.relpath)
 
-    unlabeled = scan("folder", tree / synth.UNLABELED_DIR)
+    unlabeled = scan("folder", tree / plans.UNLABELED_DIR)
     assert len(unlabeled.records) == OPTIONS["unlabeled"]
 
     summary = json.loads((tree / synth.SUMMARY).read_text())
@@ -70,16 +71,16 @@ def test_audio_format_and_durations(tree):
         audio, _ = sf.read(path)
         assert np.sqrt(np.mean(audio**2)) > 1e-3 and np.abs(audio).max() < 1.0, path
         where = path.relative_to(tree).parts[0]
-        if where == synth.TRAIN_DIR:
+        if where == TRAIN_DIR:
             assert info.frames == TRAIN_FRAMES
         else:
-            low, high = synth.TEST_SECONDS if where == synth.TEST_DIR else synth.UNLABELED_SECONDS
+            low, high = plans.TEST_SECONDS if where == plans.TEST_DIR else plans.UNLABELED_SECONDS
             assert low <= info.duration <= high + 0.01, (path, info.duration)
     assert not list(tree.rglob("*.tmp"))
 
 
 def test_label_files(tree):
-    labels = sorted((tree / synth.TEST_DIR).rglob("*.txt"))
+    labels = sorted((tree / plans.TEST_DIR).rglob("*.txt"))
     assert len(labels) == OPTIONS["test_files"]
     for path in labels:
         text = path.read_text()
@@ -90,7 +91,7 @@ def test_label_files(tree):
 
 
 def test_test_names_are_awkward_like_irmas():
-    names = [Path(clip.path).stem for clip in synth.test_clips(0, 80)]
+    names = [Path(clip.path).stem for clip in plans.test_clips(0, 80)]
     assert len(set(names)) == len(names)
     assert all(re.fullmatch(r".+-\d", name) for name in names)
     for character in " .,'&\"()":
@@ -106,12 +107,12 @@ def test_same_seed_same_bytes_whatever_the_workers(tree, tmp_path):
     assert [p.relative_to(tree) for p in first] == [p.relative_to(again) for p in second]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a
-    for a in sorted((tree / synth.TEST_DIR).rglob("*.txt")):
+    for a in sorted((tree / plans.TEST_DIR).rglob("*.txt")):
         assert a.read_bytes() == (again / a.relative_to(tree)).read_bytes()
     assert (tree / synth.SUMMARY).read_bytes() == (again / synth.SUMMARY).read_bytes()
 
-    other = synth.test_clips(OPTIONS["seed"] + 1, 4)
-    assert [c.path for c in other] != [c.path for c in synth.test_clips(OPTIONS["seed"], 4)]
+    other = plans.test_clips(OPTIONS["seed"] + 1, 4)
+    assert [c.path for c in other] != [c.path for c in plans.test_clips(OPTIONS["seed"], 4)]
 
 
 def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -123,10 +124,10 @@ def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float
     return gains, float(residual @ residual / (target @ target))
 
 
-def contributions(tree: Path, clip: synth.Clip, tmp: Path) -> list[float]:
+def contributions(tree: Path, clip: plans.Clip, tmp: Path) -> list[float]:
     """RMS (dB) of each stem inside the written file, found by rendering each stem alone, afresh."""
     mixture, _ = sf.read(tree / clip.path, dtype="float32", always_2d=True)
-    stems = [synth.colour(synth.render_stems([(clip.seconds, parts)], synth.default_soundfont(), tmp)[0], clip.tone)
+    stems = [render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp)[0], clip.tone)
              for parts in clip.stems]
     gains, unexplained = fit(mixture, stems)
     assert unexplained < 1e-3, (clip.path, unexplained)  # the file is its stems: nothing bleeds from batch neighbours
@@ -134,7 +135,7 @@ def contributions(tree: Path, clip: synth.Clip, tmp: Path) -> list[float]:
 
 
 def test_predominant_instrument_is_clearly_louder(tree, tmp_path):
-    clips = synth.train_clips(OPTIONS["seed"], OPTIONS["train_per_class"])
+    clips = plans.train_clips(OPTIONS["seed"], OPTIONS["train_per_class"])
     checked = 0
     for clip in clips[::4]:
         if len(clip.stems) < 2:
@@ -142,13 +143,13 @@ def test_predominant_instrument_is_clearly_louder(tree, tmp_path):
         lead, accompaniment = contributions(tree, clip, tmp_path)
         assert lead - accompaniment >= 6.0, (clip.path, lead, accompaniment)
         assert len(clip.stems[0]) == 1 and clip.stems[0][0].program in {
-            p.program for p in synth.TIMBRES[clip.info["instrument"]].patches}
+            p.program for p in music.TIMBRES[clip.info["instrument"]].patches}
         checked += 1
     assert checked >= 3
 
 
 def test_every_labelled_instrument_is_audible(tree, tmp_path):
-    clips = [c for c in synth.test_clips(OPTIONS["seed"], OPTIONS["test_files"]) if len(c.labels) > 1]
+    clips = [c for c in plans.test_clips(OPTIONS["seed"], OPTIONS["test_files"]) if len(c.labels) > 1]
     assert clips
     for clip in sorted(clips, key=lambda c: c.seconds)[:1]:
         levels = contributions(tree, clip, tmp_path)
@@ -165,18 +166,18 @@ def test_rerun_is_a_no_op_and_new_options_replace_the_tree(tmp_path):
     assert synth.synthesize(out, **small)["counts"]["train"] == 11
     assert {p: p.stat().st_mtime_ns for p in wavs(out)} == first
     synth.synthesize(out, **{**small, "test_files": 0, "unlabeled": 2})
-    assert not (out / synth.TEST_DIR).exists() and len(wavs(out / synth.UNLABELED_DIR)) == 2
+    assert not (out / plans.TEST_DIR).exists() and len(wavs(out / plans.UNLABELED_DIR)) == 2
 
     foreign = tmp_path / "foreign"
-    (foreign / synth.TRAIN_DIR).mkdir(parents=True)
+    (foreign / TRAIN_DIR).mkdir(parents=True)
     with pytest.raises(UserError, match="not written by shards synth"):
         synth.synthesize(foreign, **small)
 
 
 def test_vocabulary_tables_are_checked():
-    assert list(synth.TIMBRES) == list(INSTRUMENTS) and list(synth.STYLES) == list(GENRES)
+    assert list(music.TIMBRES) == list(INSTRUMENTS) and list(music.STYLES) == list(GENRES)
     with pytest.raises(RuntimeError, match="missing"):
-        synth._by_code({"cello": 1}, {"a": "cello", "b": "flute"}, ("a", "b"), "instrument")
+        music._by_code({"cello": 1}, {"a": "cello", "b": "flute"}, ("a", "b"), "instrument")
 
 
 def test_missing_soundfont_is_one_line_error(tmp_path):
@@ -187,11 +188,11 @@ def test_missing_soundfont_is_one_line_error(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {missing}: SoundFont not found")
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="not a SoundFont"):
-        synth.check_tools(Path(__file__))
+        render.check_tools(Path(__file__))
 
 
 def test_each_clip_draws_one_of_several_soundfonts(tmp_path):
-    fonts = [synth.default_soundfont(), synth.bundled_soundfont()]
+    fonts = [render.default_soundfont(), render.bundled_soundfont()]
     if fonts[0] == fonts[1]:
         pytest.skip("needs FluidR3_GM (fluid-soundfont-gm) next to pretty_midi's TimGM6mb")
     options = dict(train_per_class=2, test_files=0, unlabeled=0, seed=3)

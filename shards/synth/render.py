@@ -1,0 +1,218 @@
+"""Rendering: clip plans -> audio. Many clips' stems are laid one after another in one MIDI file and rendered by one
+FluidSynth process (loading a SoundFont costs more than rendering a clip), then cut apart, coloured, mixed at their
+levels and written as 16-bit wav.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import mido
+import numpy as np
+import soundfile as sf
+
+from core.errors import UserError
+from shards.synth.music import Colour, Part
+from shards.synth.plans import Clip
+
+SAMPLE_RATE = 44100
+FLUIDR3 = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+INSTALL_HINT = "install FluidSynth and a General MIDI SoundFont (apt-get install fluidsynth fluid-soundfont-gm, " \
+               "or brew install fluid-synth)"
+BATCH_SECONDS = 120.0  # stem audio rendered by one FluidSynth process
+GAP_SECONDS = 0.25  # silence between two stems in a batch (voices are killed at each stem's end)
+TICKS_PER_SECOND = 1000  # MIDI clock of the batch files: 1 tick = 1 ms (tempo 60 bpm, 1000 ticks per beat)
+# FluidSynth plays MIDI events at the first 64-sample block after their time, so stems start on multiples of
+# 640 ms (= 441 blocks at 44.1 kHz): every stem then sounds the same, sample for sample, wherever it is rendered.
+ALIGN_TICKS = 640
+DRUM_CHANNEL = 9
+
+
+def colour(audio: np.ndarray, tone: Colour) -> np.ndarray:
+    """`audio` (frames, channels) through the EQ `tone`, by FFT (float64), zero-padded to a fast length."""
+    n = _fast_length(len(audio) + SAMPLE_RATE // 10)
+    spectrum = np.fft.rfft(audio.astype(np.float64), n=n, axis=0)
+    spectrum *= tone.gain(np.fft.rfftfreq(n, 1 / SAMPLE_RATE))[:, None]
+    return np.fft.irfft(spectrum, n=n, axis=0)[: len(audio)]
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (FFT lengths with large prime factors are many times slower)."""
+    best, power5 = 2 * n, 1
+    while power5 < best:
+        power3 = power5
+        while power3 < best:
+            size = power3 * 2 ** max(0, math.ceil(math.log2(n / power3)))
+            best = min(best, size)
+            power3 *= 3
+        power5 *= 5
+    return best
+
+
+# --- Rendering ---------------------------------------------------------------------------
+
+
+def _ticks(seconds: float) -> int:
+    return int(round(seconds * TICKS_PER_SECOND))
+
+
+def stem_layout(stems: Sequence[tuple[float, list[Part]]]) -> list[int]:
+    """Start tick of each (seconds, parts) stem when they are laid one after another, block-aligned, with a gap."""
+    starts, tick = [], 0
+    for seconds, _ in stems:
+        starts.append(tick)
+        tick += -(-_ticks(seconds + GAP_SECONDS) // ALIGN_TICKS) * ALIGN_TICKS
+    return starts
+
+
+def write_midi(stems: Sequence[tuple[float, list[Part]]], path: Path) -> list[int]:
+    """One type-0 MIDI file playing the stems in turn; returns each stem's start tick (1 tick = 1 ms)."""
+    starts = stem_layout(stems)
+    events: list[tuple[int, int, mido.Message]] = []  # (tick, order, message): setup < note off < note on < kill
+    for start, (seconds, parts) in zip(starts, stems):
+        channels = iter(c for c in range(16) if c != DRUM_CHANNEL)
+        for part in parts:
+            channel = DRUM_CHANNEL if part.drums else next(channels)
+            events += [
+                (start, 0, mido.Message("program_change", channel=channel, program=part.program)),
+                (start, 0, mido.Message("control_change", channel=channel, control=7, value=part.volume)),
+                (start, 0, mido.Message("control_change", channel=channel, control=10, value=part.pan)),
+            ]
+            for note in part.notes:
+                on, off = start + _ticks(note.start), start + max(_ticks(note.end), _ticks(note.start) + 1)
+                events.append((on, 2, mido.Message("note_on", channel=channel, note=note.pitch,
+                                                   velocity=note.velocity)))
+                events.append((off, 1, mido.Message("note_off", channel=channel, note=note.pitch, velocity=0)))
+        end = start + _ticks(seconds)
+        for channel in range(16):  # silence everything at the stem's end, and reset for the next one
+            events.append((end, 3, mido.Message("control_change", channel=channel, control=120, value=0)))
+            events.append((end, 3, mido.Message("control_change", channel=channel, control=121, value=0)))
+    events.sort(key=lambda e: (e[0], e[1]))
+    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=1_000_000, time=0)])
+    last = 0
+    for tick, _, message in events:
+        track.append(message.copy(time=tick - last))
+        last = tick
+    midi = mido.MidiFile(type=0, ticks_per_beat=TICKS_PER_SECOND)
+    midi.tracks.append(track)
+    midi.save(path)
+    return starts
+
+
+def fluidsynth(midi: Path, wav: Path, soundfont: Path) -> None:
+    """Render `midi` to float stereo wav at 44.1 kHz; no reverb or chorus (their tails would cross stems)."""
+    command = ["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.5", "-r", str(SAMPLE_RATE),
+               "-o", "synth.dynamic-sample-loading=1", "-o", "synth.polyphony=512",
+               "-T", "wav", "-O", "float", "-F", str(wav), str(soundfont), str(midi)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not wav.exists():
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"fluidsynth failed on {midi.name} (exit {result.returncode}): "
+                           f"{message[-1] if message else 'no output'}")
+
+
+def render_stems(stems: Sequence[tuple[float, list[Part]]], soundfont: Path, workdir: Path) -> list[np.ndarray]:
+    """Each stem as a (frames, 2) float32 array, rendered together by one FluidSynth process."""
+    midi, wav = workdir / "batch.mid", workdir / "batch.wav"
+    starts = write_midi(stems, midi)
+    fluidsynth(midi, wav, soundfont)
+    audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+    assert rate == SAMPLE_RATE, rate
+    out = []
+    for start, (seconds, _) in zip(starts, stems):
+        first, frames = round(start * SAMPLE_RATE / TICKS_PER_SECOND), round(seconds * SAMPLE_RATE)
+        piece = audio[first: first + frames]
+        out.append(np.pad(piece, ((0, frames - len(piece)), (0, 0))))
+    return out
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+
+
+def mix(clip: Clip, stems: Sequence[np.ndarray], soundfont: Path) -> np.ndarray:
+    """Colour each stem, scale it to its level (by RMS), sum, set the loudness and keep the peak below full scale."""
+    total = np.zeros_like(stems[0], dtype=np.float64)
+    for audio, level in zip((colour(stem, clip.tone) for stem in stems), clip.levels):
+        rms = _rms(audio)
+        if rms < 1e-6:
+            raise UserError(f"{soundfont}: rendered silence for programs "
+                            f"{sorted({p.program for stem in clip.stems for p in stem})} of {clip.path}; "
+                            "pass --soundfont with a complete General MIDI SoundFont")
+        total += audio * (10 ** (level / 20) / rms)
+    total *= 10 ** (clip.loudness / 20) / _rms(total)
+    peak = float(np.max(np.abs(total)))
+    if peak > 0.97:
+        total *= 0.97 / peak
+    return total.astype(np.float32)
+
+
+def render_batch(clips: Sequence[Clip], soundfont: Path, out: Path) -> list[dict]:
+    """Render, mix and write a batch of clips (atomically: temp name, then rename); their summaries."""
+    with tempfile.TemporaryDirectory(prefix="timbre-synth-") as tmp:
+        stems = render_stems([(clip.seconds, parts) for clip in clips for parts in clip.stems], soundfont, Path(tmp))
+    summaries, cursor = [], 0
+    for clip in clips:
+        audio = mix(clip, stems[cursor: cursor + len(clip.stems)], soundfont)
+        cursor += len(clip.stems)
+        path = out / clip.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(path.name + ".tmp")
+        sf.write(temp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(temp, path)
+        if clip.labels:
+            path.with_suffix(".txt").write_text("".join(f"{code}{clip.label_suffix}\n" for code in clip.labels))
+        summaries.append({"path": clip.path, "seconds": clip.seconds, "soundfont": soundfont.name, **clip.info})
+    return summaries
+
+
+def batches(clips: Sequence[Clip], seconds: float = BATCH_SECONDS) -> list[list[Clip]]:
+    """Consecutive clips grouped up to `seconds` of stem audio: fixed by the clip list, not by the workers."""
+    groups: list[list[Clip]] = [[]]
+    used = 0.0
+    for clip in clips:
+        length = clip.seconds * len(clip.stems)
+        if groups[-1] and used + length > seconds:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(clip)
+        used += length
+    return [group for group in groups if group]
+
+
+# --- Entry points --------------------------------------------------------------------------
+
+
+def bundled_soundfont() -> Path:
+    """TimGM6mb.sf2, the small GM SoundFont inside pretty_midi's wheel (a second timbre set for cross-font tests)."""
+    import pretty_midi
+
+    return Path(pretty_midi.__file__).parent / "TimGM6mb.sf2"
+
+
+def default_soundfont() -> Path:
+    """FluidR3_GM when the system has it (fluid-soundfont-gm), else pretty_midi's TimGM6mb."""
+    return FLUIDR3 if FLUIDR3.exists() else bundled_soundfont()
+
+
+def check_tools(soundfont: Path) -> None:
+    """Fail early, in one line, when FluidSynth or the SoundFont is missing or not a SoundFont (.sf2 or .sf3)."""
+    if shutil.which("fluidsynth") is None:
+        raise UserError(f"fluidsynth: program not found on PATH; {INSTALL_HINT}")
+    if not soundfont.is_file():
+        raise UserError(f"{soundfont}: SoundFont not found; pass --soundfont with General MIDI .sf2/.sf3 files "
+                        f"or {INSTALL_HINT}")
+    try:
+        with open(soundfont, "rb") as handle:
+            header = handle.read(12)
+    except OSError as error:
+        raise UserError(f"{soundfont}: cannot read the SoundFont ({error.strerror}); check its permissions") from None
+    if header[:4] != b"RIFF" or header[8:12] != b"sfbk":  # .sf3 keeps the .sf2 container, with compressed samples
+        raise UserError(f"{soundfont}: not a SoundFont file (.sf2 or .sf3); pass --soundfont with General MIDI "
+                        "SoundFonts")
