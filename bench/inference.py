@@ -20,8 +20,10 @@ import time
 import numpy as np
 import torch
 
+from finetune.folder import FinetunedModel, load_model
 from finetune.heads import HeadConfig
-from finetune.model import Classifier, FinetunedModel, infer, load_model
+from finetune.inference import infer
+from finetune.model import Classifier
 from finetune.train import FinetuneRecipe, build_classifier, model_info
 from pretrain.encoder import cut_windows
 

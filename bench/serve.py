@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from finetune.model import save_model
+from finetune.folder import save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info
 
 ROOT = Path(__file__).resolve().parent.parent

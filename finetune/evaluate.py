@@ -1,7 +1,7 @@
 """`python -m finetune evaluate MODEL DATA` and `python -m finetune plot-embeddings MODEL DATA --out FILE.png`.
 
 DATA is an IRMAS test folder (parsed by `shards.sources` as `irmas-test`) or test shards. Whole files are cut into
-windows of the training clip length (see `finetune.model.infer`), and the model's thresholds decide presence from the
+windows of the training clip length (see `finetune.inference.infer`), and the model's thresholds decide presence from the
 per-file aggregate. Metrics are reported per file (what IRMAS publications report) and per window (each window carries
 its file's labels).
 """
@@ -18,8 +18,9 @@ import numpy as np
 
 from core.errors import ArgumentParser, UserError, output_file, output_folder
 from core.progress import progress_bar
+from finetune.folder import FinetunedModel, load_model
+from finetune.inference import AGGREGATES, FileResult, add_inference_options, infer
 from finetune.metrics import REPORTED, multilabel_metrics
-from finetune.model import AGGREGATES, FileResult, FinetunedModel, add_inference_options, infer, load_model
 from shards.inputs import labelled_examples
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
 

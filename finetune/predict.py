@@ -20,7 +20,8 @@ import torch
 
 from core.errors import ArgumentParser, output_file
 from core.progress import progress_bar
-from finetune.model import FileResult, FinetunedModel, add_inference_options, infer, load_model
+from finetune.folder import FinetunedModel, load_model
+from finetune.inference import FileResult, add_inference_options, infer
 from shards.audio import BadAudio
 from shards.inputs import expand, read_mono, shard_examples
 from shards.loader import sample_count

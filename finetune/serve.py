@@ -37,7 +37,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from core.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
-from finetune.model import FileResult, FinetunedModel, infer, load_model
+from finetune.folder import FinetunedModel, load_model
+from finetune.inference import FileResult, infer
 from finetune.predict import describe
 from pretrain.encoder import window_starts
 from shards.audio import BadAudio

@@ -23,10 +23,12 @@ from core.errors import UserError
 from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TrainConfig, check_output_dir, train
 from finetune.adapters import AdaptConfig, prepare
+from finetune.folder import FinetunedModel, ModelInfo, save_model
 from finetune.heads import HeadConfig
+from finetune.inference import AGGREGATES, Aggregate, infer
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
-from finetune.model import AGGREGATES, Aggregate, Classifier, FinetunedModel, ModelInfo, fit_backbone, infer, save_model
+from finetune.model import Classifier, fit_backbone
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment

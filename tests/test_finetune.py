@@ -16,9 +16,9 @@ import soundfile as sf
 import torch
 import webdataset as wds
 
+from finetune.folder import load_model, save_model
 from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import tune_thresholds
-from finetune.model import load_model, save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info, predict_set, validation_sets
 from pretrain.backbone import Backbone, BackboneConfig, param_groups
 from pretrain.encoder import cut_windows, window_starts

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from finetune.model import load_model, save_model
+from finetune.folder import load_model, save_model
 from finetune.predict import predict
 from finetune.train import FinetuneRecipe, build_classifier, model_info
 from pretrain.backbone import ModelConfig
