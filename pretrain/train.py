@@ -32,6 +32,7 @@ from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
 from pretrain.objectives import ObjectivesConfig, Pretrainer
+from pretrain.pictures import pictures
 from shards.loader import DataConfig, shard_urls
 
 
@@ -100,7 +101,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
         resume=recipe.resume, param_groups=param_groups(model, backbone=model.backbone, lr=recipe.train.lr,
                                                                 weight_decay=recipe.train.weight_decay), export=export,
-        images=lambda module, batch: module.images(batch),
+        images=pictures,
     )
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return trained, state

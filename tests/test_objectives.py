@@ -29,6 +29,7 @@ from pretrain.objectives import (
     random_scores,
     time_band_scores,
 )
+from pretrain.pictures import pictures
 from shards import vocab
 
 GRID = (8, 6)  # 1 s clips: 8 frequency x 6 time patches
@@ -208,9 +209,9 @@ def test_pretrainer_combines_weighted_objectives_and_draws_pictures():
     loss.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert not unused
-    pictures = model.images(batch)
+    drawn = pictures(model, batch)
     frames = TINY.grid(98)[1] * 16
-    for picture in pictures.values():
+    for picture in drawn.values():
         assert picture.dtype.name == "uint8" and picture.shape == (3 * 128 + 8, frames, 3)
-    assert set(pictures) == {"mae/input-masked-reconstruction", "electra/corrupted-truth-detected"}
+    assert set(drawn) == {"mae/input-masked-reconstruction", "electra/corrupted-truth-detected"}
     assert patchify(torch.zeros(1, frames, 128), 16).shape == (1, 48, 256)
