@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import random
 import re
 import sys
-import tarfile
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -42,8 +40,10 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+import webdataset as wds
 
 from core.errors import UserError, positive_float, positive_int
 from core.progress import progress_bar
@@ -200,12 +200,14 @@ class ShardStats:
 
 
 class ShardWriter:
-    """Writes one tar at a time under a temporary name, with fixed member metadata (deterministic bytes)."""
+    """Writes one tar at a time (webdataset's TarWriter) under a temporary name, renamed when complete; fixed member
+    metadata make the bytes deterministic."""
 
     def __init__(self, *, directory: Path, index: int):
         self.directory = directory
         self.index = index
-        self.tar: tarfile.TarFile | None = None
+        self.handle: BinaryIO | None = None
+        self.tar: wds.TarWriter | None = None
         self.stats = ShardStats()
 
     @property
@@ -215,30 +217,31 @@ class ShardWriter:
     def add(self, sample: Sample) -> None:
         if self.tar is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.tar = tarfile.open(self.directory / (self.name + TEMP_SUFFIX), "w", format=tarfile.PAX_FORMAT)
+            self.handle = open(self.directory / (self.name + TEMP_SUFFIX), "wb")
+            self.tar = wds.TarWriter(self.handle, encoder=False, mtime=0, mode=0o644, user="", group="",
+                                     format="PAX_FORMAT")
         payload = json.dumps(sample.meta, ensure_ascii=False).encode("utf-8")
-        for suffix, data in (("flac", sample.flac), ("json", payload)):
-            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
+        self.tar.write({"__key__": sample.key, "flac": sample.flac, "json": payload})
         self.stats.add(sample.meta)
 
     def close(self) -> dict:
         """Finish the tar, rename it into place and return its manifest entry."""
-        assert self.tar is not None
+        assert self.tar is not None and self.handle is not None
         self.tar.close()
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
         temp, final = self.directory / (self.name + TEMP_SUFFIX), self.directory / self.name
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
         os.replace(temp, final)
         entry = {"path": f"{self.directory.name}/{self.name}", "bytes": final.stat().st_size,
                  "sha256": sha256(final), **self.stats.as_dict()}
-        self.tar, self.stats, self.index = None, ShardStats(), self.index + 1
+        self.tar, self.handle, self.stats, self.index = None, None, ShardStats(), self.index + 1
         return entry
 
     def abandon(self) -> None:
-        if self.tar is not None:
+        if self.tar is not None and self.handle is not None:
             self.tar.close()
+            self.handle.close()
             (self.directory / (self.name + TEMP_SUFFIX)).unlink(missing_ok=True)
 
 
