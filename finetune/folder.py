@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -102,7 +103,7 @@ def save_model(classifier: Classifier, directory: Path, info: ModelInfo, *, card
     else:
         for name in exported:
             (directory / name).unlink(missing_ok=True)
-    (directory / "README.md").write_text(_model_card(info, exportable(classifier), card or {}))
+    model_card(info, exportable(classifier), card or {}).save(directory / "README.md")
     return directory
 
 
@@ -149,14 +150,16 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
     return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path), precision=precision)
 
 
-def _model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> str:
+def model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> ModelCard:
     names = ", ".join(f"{code} ({INSTRUMENT_NAMES[code]})" for code in info.labels)
     thresholds = "\n".join(f"| {code} | {value:.3f} |" for code, value in zip(info.labels, info.thresholds))
     metrics = "\n".join(f"- {name}: {value:.4f}" for name, value in info.validation.items()
                         if isinstance(value, (int, float)))
     recipe = card.get("recipe")
+    data = ModelCardData(library_name="transformers" if transformers_folder else "timbre",
+                         pipeline_tag="audio-classification" if transformers_folder else None,
+                         tags=["audio-classification", "musical-instrument-recognition", "irmas", "timbre"])
     lines = [
-        "---", "library_name: timbre", "tags: [audio-classification, musical-instrument-recognition, irmas]", "---", "",
         "# Timbre instrument classifier", "",
         f"Multi-label instrument recognition ({len(info.labels)} IRMAS instruments: {names}).",
         f"Head: `{info.head.kind}` on `{info.head.pooling}` pooling; adaptation: `{info.adapt.mode}`; "
@@ -179,4 +182,4 @@ def _model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> str:
                   "", f"Give it {info.clip_seconds:g} s clips; longer audio is better served by `python -m finetune predict`."]
     if recipe:
         lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=1, default=str), "```"]
-    return "\n".join(lines) + "\n"
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")

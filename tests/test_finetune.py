@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import webdataset as wds
+from huggingface_hub import ModelCard
 
 from finetune.folder import load_model, save_model
 from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
@@ -224,6 +225,8 @@ def test_transformers_pipeline_matches_timbre(trained, tmp_path):
         assert item["score"] == pytest.approx(expected[item["label"]], abs=1e-4)
     # The model card's own example runs as written, with no FFmpeg, on a 44.1 kHz stereo file.
     card = (trained / "README.md").read_text()
+    metadata = ModelCard.load(trained / "README.md").data  # the Hub reads the card's YAML header
+    assert (metadata.library_name, metadata.pipeline_tag) == ("transformers", "audio-classification")
     example = card.split("```python\n", 1)[1].split("```", 1)[0]
     sf.write(tmp_path / "clip.wav", np.stack([chord(("pia", "voi"), seconds=CLIP, rate=44100, seed=7)] * 2, axis=1), 44100)
     scope: dict = {}
