@@ -67,7 +67,7 @@ def test_a_torchaudio_that_does_not_load_is_one_line_naming_the_fix(tmp_path):
     (fake / "__init__.py").write_text(
         "raise OSError('libtorchaudio.so: undefined symbol: torch_exception_get_what_without_backtrace')\n")
     for command in (["-m", "shards", "verify", str(tmp_path)], ["-m", "pretrain", "embed", "x", "y", "--out", "z"],
-                    ["-m", "pytest", "-q", str(ROOT / "tests" / "test_split.py")]):
+                    ["-m", "pytest", "-q", str(ROOT / "tests" / "shards" / "test_split.py")]):
         result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=ROOT,
                                 env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"})
         output = (result.stderr + result.stdout).strip()

@@ -12,7 +12,6 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from irmas_fixtures import make_irmas_train
 
 from core.errors import run_cli
 from finetune.__main__ import main as finetune_main
@@ -43,11 +42,11 @@ def fails(capsys, main, argv: list[str], *, names: tuple = (), code: int = 2) ->
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> dict[str, Path]:
+def zoo(irmas, tmp_path_factory) -> dict[str, Path]:
     """Packed IRMAS-layout shards with a val split, an unlabeled pack, a tiny backbone, a finished fine-tuning
     run, and the usual suspects: a text file, text named .wav, an empty folder, a truncated shard."""
     root = tmp_path_factory.mktemp("zoo")
-    make_irmas_train(root / "irmas", songs_per_class=2, excerpts=1, seconds=1.0, sample_rate=16000)
+    irmas.train(root / "irmas", songs_per_class=2, excerpts=1, seconds=1.0, sample_rate=16000)
     quiet = dict(workers=1, progress=False, print_fn=lambda *args, **kwargs: None)
     pack(root / "irmas", root / "shards", options=PackOptions(source="irmas-train", val_fraction=0.5), **quiet)
     (root / "plain").mkdir()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from irmas_fixtures import make_folder, make_irmas_train
 from safetensors.torch import load_file
 
 from core.errors import UserError
@@ -21,7 +20,7 @@ from core.trainer import latest_checkpoint
 from pretrain.train import PretrainRecipe
 from shards.pack import PackOptions, pack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -52,13 +51,13 @@ def environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[str]:
+def shards(irmas, tmp_path_factory) -> list[str]:
     """Real packed shards of uneven sizes: labelled IRMAS-layout clips and unlabeled segmented recordings."""
     root = tmp_path_factory.mktemp("pretrain-shards")
-    labelled = make_irmas_train(root / "irmas", songs_per_class=2, excerpts=2, seconds=1.0)
+    labelled = irmas.train(root / "irmas", songs_per_class=2, excerpts=2, seconds=1.0)
     pack(labelled.root, root / "irmas-shards", options=PackOptions(source="irmas-train", shard_size=13),
          workers=1, progress=False)
-    unlabeled = make_folder(root / "folder", seconds=7.0)
+    unlabeled = irmas.folder(root / "folder", seconds=7.0)
     pack(unlabeled.root, root / "unlabeled-shards",
          options=PackOptions(source="folder", shard_size=9, segment_seconds=1.0), workers=1, progress=False)
     return [str(root / "irmas-shards" / "train"), str(root / "unlabeled-shards" / "train")]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from irmas_fixtures import make_folder, make_irmas_train
 
 from core.errors import UserError
 from shards import vocab
@@ -34,12 +33,12 @@ def read_metadata(spec) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, dict]:
+def data(irmas, tmp_path_factory) -> tuple[Path, dict]:
     """Packed IRMAS-layout clips (1 s, stereo, 16 inputs in uneven shards of 6, 6 and 4) in `out/train`, and an
     unlabeled folder cut into 2 s segments (1 s at the end of each 7 s file) in `unlabeled/train`."""
     root = tmp_path_factory.mktemp("loader")
-    make_irmas_train(root / "irmas", songs_per_class=1, excerpts=1, seconds=1.0)
-    make_folder(root / "folder")
+    irmas.train(root / "irmas", songs_per_class=1, excerpts=1, seconds=1.0)
+    irmas.folder(root / "folder")
     outdir = _pack("irmas-train", root / "irmas", root / "out", channels=2, shard_size=6)
     _pack("folder", root / "folder", root / "unlabeled", segment_seconds=2.0)
     meta = read_metadata(outdir / "train") | read_metadata(root / "unlabeled" / "train")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import webdataset as wds
 
 from core.errors import UserError
 from pretrain.backbone import Backbone, BackboneConfig
@@ -25,9 +23,8 @@ from shards.audio import decode_flac, encode_flac
 CLIP = 47920  # samples in 298 frames: the backbone's clip
 
 
-def tone(seconds: float, f0: float, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * 3 * f0 * t * (1 + t))).astype(np.float32)
+def mono(tone, seconds: float, f0: float, rate: int = 16000) -> np.ndarray:
+    return tone(seconds=seconds, sample_rate=rate, channels=1, frequency=f0)[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +34,12 @@ def backbone() -> Backbone:
 
 
 @pytest.fixture(scope="module")
-def audio(tmp_path_factory) -> Path:
+def audio(tone, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("audio")
-    sf.write(folder / "long.wav", tone(7.3, 220.0), 16000)
-    sf.write(folder / "short.flac", tone(1.0, 440.0), 16000)
-    sf.write(folder / "stereo 44k.wav", np.stack([tone(4.0, 330.0, 44100), tone(4.0, 110.0, 44100)], axis=1), 44100)
+    sf.write(folder / "long.wav", mono(tone, 7.3, 220.0), 16000)
+    sf.write(folder / "short.flac", mono(tone, 1.0, 440.0), 16000)
+    sf.write(folder / "stereo 44k.wav", np.stack([mono(tone, 4.0, 330.0, 44100), mono(tone, 4.0, 110.0, 44100)], axis=1),
+             44100)
     return folder
 
 
@@ -92,17 +90,11 @@ def test_overlapping_windows(backbone: Backbone, audio: Path) -> None:
         embed(backbone, [str(audio)], window_seconds=5.0)
 
 
-def test_command_line_on_audio_and_shards(backbone: Backbone, audio: Path, tmp_path: Path) -> None:
+def test_command_line_on_audio_and_shards(backbone: Backbone, audio: Path, tone, write_shard, tmp_path: Path) -> None:
     folder = save_pretrained(backbone, tmp_path / "backbone")
-    shards = tmp_path / "shards" / "test"
-    shards.mkdir(parents=True)
-    with wds.TarWriter(str(shards / "shard-000000.tar")) as sink:
-        for index, f0 in enumerate((261.6, 392.0)):
-            key = f"song-{index}_0000"
-            meta = {"key": key, "instruments": [], "genre": None, "drums": None, "song": f"song-{index}",
-                    "path": f"song-{index}.wav", "start": 0.0, "duration": 4.0, "sample_rate": 16000, "channels": 1,
-                    "num_samples": 64000, "source": "folder"}
-            sink.write({"__key__": key, "flac": encode_flac(tone(4.0, f0)[:, None], 16000), "json": json.dumps(meta)})
+    shards = write_shard(tmp_path / "shards" / "test", [
+        dict(key=f"song-{index}_0000", song=f"song-{index}", audio=mono(tone, 4.0, f0), sample_rate=16000)
+        for index, f0 in enumerate((261.6, 392.0))], source="folder")
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     out = tmp_path / "out" / "embeddings.npz"
@@ -114,7 +106,7 @@ def test_command_line_on_audio_and_shards(backbone: Backbone, audio: Path, tmp_p
     arrays = np.load(out)
     assert arrays["keys"].tolist() == [str(audio / "short.flac"), "song-0_0000", "song-1_0000"]
     assert arrays["windows"].tolist() == [1, 2, 2] and "tokens" not in arrays
-    stored, _ = decode_flac(encode_flac(tone(4.0, 261.6)[:, None], 16000))
+    stored, _ = decode_flac(encode_flac(mono(tone, 4.0, 261.6)[:, None], 16000))
     expected = reference(backbone, stored[:, 0], [0, 64000 - CLIP], CLIP).embedding.mean(0)
     np.testing.assert_allclose(arrays["embeddings"][1], expected.numpy(), atol=1e-5)
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from irmas_fixtures import make_irmas_test
 
 from core.errors import UserError, run_cli
 from shards.__main__ import main
@@ -17,9 +16,9 @@ from shards.verify import load_manifest, plot_classes, stats_table, verify
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(irmas, tmp_path_factory):
     base = tmp_path_factory.mktemp("verify")
-    tree = make_irmas_test(base / "in", seconds=0.5)
+    tree = irmas.test(base / "in", seconds=0.5)
     pack(tree.root, base / "out", options=PackOptions(source="irmas-test", shard_size=4),
          progress=False, print_fn=lambda *_: None)
     return base / "out"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from irmas_fixtures import add_bad_inputs, make_csv, make_folder, make_irmas_test, make_irmas_train
 
 from core.errors import UserError
 from shards.sources import make_key, scan
@@ -43,8 +42,8 @@ def decode_time(tree) -> set[str]:
     return {path for path, word in tree.skips.items() if word in DECODE_WORDS}
 
 
-def test_irmas_train_names_tags_and_songs(tmp_path):
-    tree = add_bad_inputs(make_irmas_train(tmp_path, seconds=0.1), layout="train", seconds=0.1)
+def test_irmas_train_names_tags_and_songs(irmas, tmp_path):
+    tree = irmas.bad_inputs(irmas.train(tmp_path, seconds=0.1), layout="train", seconds=0.1)
     found = scan("irmas-train", tree.root)
     check_against(tree, found, decode_time=decode_time(tree))
     songs = {r.relpath: r.song for r in found.records}
@@ -57,8 +56,8 @@ def test_irmas_train_names_tags_and_songs(tmp_path):
     assert [r.relpath for r in scan("irmas-train", tmp_path).records] == [r.relpath for r in found.records]
 
 
-def test_irmas_test_labels_orphans_and_songs(tmp_path):
-    tree = add_bad_inputs(make_irmas_test(tmp_path, seconds=0.1), layout="test", seconds=0.1)
+def test_irmas_test_labels_orphans_and_songs(irmas, tmp_path):
+    tree = irmas.bad_inputs(irmas.test(tmp_path, seconds=0.1), layout="test", seconds=0.1)
     found = scan("irmas-test", tree.root)
     check_against(tree, found, decode_time=decode_time(tree))
     by_song: dict[str, set[str]] = {}
@@ -72,16 +71,16 @@ def test_irmas_test_labels_orphans_and_songs(tmp_path):
     assert part.records and all(r.relpath.startswith("IRTestingData-Part2/") for r in part.records)
 
 
-def test_folder_is_unlabeled_and_keeps_other_files_listed(tmp_path):
-    tree = make_folder(tmp_path, seconds=0.2)
+def test_folder_is_unlabeled_and_keeps_other_files_listed(irmas, tmp_path):
+    tree = irmas.folder(tmp_path, seconds=0.2)
     found = scan("folder", tree.root)
     check_against(tree, found)
     assert found.ignored == ["album one/cover.jpg", "album one/notes.txt"]
     assert all(r.song == r.relpath and r.instruments == () for r in found.records)
 
 
-def test_csv_rows_and_bad_rows(tmp_path):
-    csv_path, tree = make_csv(tmp_path, seconds=0.1)
+def test_csv_rows_and_bad_rows(irmas, tmp_path):
+    csv_path, tree = irmas.csv(tmp_path, seconds=0.1)
     with open(csv_path, "a") as handle:
         handle.write("audio/clip 1.wav,cel,,\n,cel,,\n")
     found = scan("csv", csv_path)

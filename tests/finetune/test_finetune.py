@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import webdataset as wds
 from huggingface_hub import ModelCard
 
 from finetune.folder import load_model, save_model
@@ -28,7 +26,7 @@ from shards.inputs import read_mono
 from shards.loader import train_batches
 from shards.vocab import GENRES, INSTRUMENT_NAMES, INSTRUMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RATE = 16000
 CLIP = 1.0
 
@@ -42,26 +40,18 @@ def chord(codes, *, seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarr
     return (0.3 * audio / max(1, len(codes)) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def write_shard(directory: Path, items: list[tuple[str, ...]], *, seed: int) -> Path:
-    """One shard in the pack format: <key>.flac (16-bit) + <key>.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(directory / "shard-000000.tar")) as writer:
-        for index, codes in enumerate(items):
-            buffer = io.BytesIO()
-            sf.write(buffer, chord(codes, seconds=3.0, seed=seed + index), RATE, format="FLAC", subtype="PCM_16")
-            key = f"{directory.name}-{index:04d}"
-            meta = {"key": key, "instruments": sorted(codes), "genre": GENRES[index % len(GENRES)], "drums": None,
-                    "song": key, "path": f"{key}.wav", "start": 0.0, "duration": 3.0, "sample_rate": RATE,
-                    "channels": 1, "num_samples": 3 * RATE, "source": "irmas-train"}
-            writer.write({"__key__": key, "flac": buffer.getvalue(), "json": json.dumps(meta).encode()})
-    return directory
+def clips(directory: Path, items: list[tuple[str, ...]], *, seed: int) -> list[dict]:
+    """A 3 s `chord` sample per item (labelled with its codes), keyed after the shard folder."""
+    return [dict(key=f"{directory.name}-{index:04d}", audio=chord(codes, seconds=3.0, seed=seed + index),
+                 sample_rate=RATE, instruments=codes, genre=GENRES[index % len(GENRES)])
+            for index, codes in enumerate(items)]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
+def data(write_shard, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shards")
-    train = write_shard(root / "train", [(code,) for code in INSTRUMENTS for _ in range(3)], seed=0)
-    val = write_shard(root / "val", [(code,) for code in INSTRUMENTS for _ in range(2)], seed=1000)
+    train = write_shard(root / "train", clips(root / "train", [(code,) for code in INSTRUMENTS for _ in range(3)], seed=0))
+    val = write_shard(root / "val", clips(root / "val", [(code,) for code in INSTRUMENTS for _ in range(2)], seed=1000))
     return {"train": train, "val": val}
 
 

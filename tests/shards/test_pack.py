@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import webdataset as wds
-from irmas_fixtures import add_bad_inputs, make_folder, make_irmas_test, make_irmas_train
 
 from core.errors import UserError, run_cli
 from shards.__main__ import main
@@ -65,8 +64,8 @@ def all_samples(outdir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def train_tree(tmp_path_factory):
-    return add_bad_inputs(make_irmas_train(tmp_path_factory.mktemp("irmas"), songs_per_class=3, excerpts=2),
+def train_tree(irmas, tmp_path_factory):
+    return irmas.bad_inputs(irmas.train(tmp_path_factory.mktemp("irmas"), songs_per_class=3, excerpts=2),
                           layout="train")
 
 
@@ -172,8 +171,8 @@ def test_same_output_for_any_worker_count(train_tree, packed, tmp_path, workers,
 
 
 @pytest.mark.slow
-def test_killed_pack_finishes_on_rerun_identical_to_a_clean_pack(tmp_path):
-    tree = make_irmas_train(tmp_path / "in", songs_per_class=6, excerpts=2)
+def test_killed_pack_finishes_on_rerun_identical_to_a_clean_pack(irmas, tmp_path):
+    tree = irmas.train(tmp_path / "in", songs_per_class=6, excerpts=2)
     args = ["pack", "irmas-train", str(tree.root), "--shard-size", "8", "--workers", "1", "--quiet"]
     clean = pack(tree.root, tmp_path / "clean", options=PackOptions(source="irmas-train", shard_size=8),
                  progress=False, print_fn=quiet)
@@ -220,8 +219,8 @@ def test_rerun_of_a_finished_pack_changes_nothing_and_other_packs_are_refused(tr
         pack(train_tree.root, copy, options=PackOptions(source="irmas-train", shard_size=8), print_fn=quiet)
 
 
-def test_folder_segments_and_formats(tmp_path):
-    tree = add_bad_inputs(make_folder(tmp_path / "in", seconds=7.0), layout="folder")
+def test_folder_segments_and_formats(irmas, tmp_path):
+    tree = irmas.bad_inputs(irmas.folder(tmp_path / "in", seconds=7.0), layout="folder")
     manifest = pack(tree.root, tmp_path / "out",
                     options=PackOptions(source="folder", segment_seconds=3.0, sample_rate=22050, channels=2),
                     progress=False, print_fn=quiet)
@@ -240,8 +239,8 @@ def test_folder_segments_and_formats(tmp_path):
     assert manifest["splits"]["train"]["unlabelled"] == manifest["samples"] == len(samples)
 
 
-def test_cli_strict_summary_and_one_line_errors(tmp_path):
-    tree = add_bad_inputs(make_irmas_test(tmp_path / "in", seconds=0.5, excerpts=1), layout="test")
+def test_cli_strict_summary_and_one_line_errors(irmas, tmp_path):
+    tree = irmas.bad_inputs(irmas.test(tmp_path / "in", seconds=0.5, excerpts=1), layout="test")
     result = cli("pack", "irmas-test", str(tree.root), str(tmp_path / "out"), "--workers", "1", "--strict")
     assert result.returncode == 1
     assert f"packed {len(tree.expected)} of {tree.inputs} inputs" in result.stdout
