@@ -199,6 +199,8 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """Log-mel features (B, frames, mels) -> BackboneOutput; see the module docstring."""
 
+    no_weight_decay = ("cls_token", "dist_token", "token_position", "grid_position")  # read by param_groups
+
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
@@ -252,8 +254,8 @@ def init_weights(module: nn.Module) -> None:
 
 def param_groups(model: nn.Module, *, backbone: Backbone, lr: float, weight_decay: float,
                  layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups for `model` (which holds `backbone`): no weight decay on biases, norms, tokens and positions (as in
-    MAE); with `layer_decay` < 1, block i of L gets lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1)
+    """AdamW groups for `model` (which holds `backbone`): no weight decay on biases, norms and the parameters a module
+    names in its `no_weight_decay` (learned tokens and positions, as in MAE and timm); with `layer_decay` < 1, block i of L gets lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1)
     (BEiT/AudioMAE). Everything outside the backbone's embeddings and blocks (final norm, heads, decoders) gets `lr`."""
     num_layers = len(backbone.blocks)
     depths = {}  # parameter id -> 0 embeddings, i + 1 block i
@@ -263,12 +265,13 @@ def param_groups(model: nn.Module, *, backbone: Backbone, lr: float, weight_deca
             depths[id(parameter)] = int(block) + 1
         elif not name.startswith("norm."):
             depths[id(parameter)] = 0
+    named = {id(getattr(module, name)) for module in model.modules() for name in getattr(module, "no_weight_decay", ())}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         scale = layer_decay ** (num_layers + 1 - depths.get(id(parameter), num_layers + 1))
-        exempt = parameter.ndim <= 1 or "token" in name or "position" in name
+        exempt = parameter.ndim <= 1 or id(parameter) in named
         groups.setdefault((lr * scale, 0.0 if exempt else weight_decay), []).append(parameter)
     return [{"params": params, "lr": group_lr, "weight_decay": decay}
             for (group_lr, decay), params in sorted(groups.items(), key=lambda item: item[0])]

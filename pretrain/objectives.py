@@ -159,6 +159,8 @@ def _decoder_positions(grid: tuple[int, int], dim: int, device: torch.device) ->
 class MAEDecoder(nn.Module):
     """Visible tokens + mask tokens at fixed sin-cos positions -> a small transformer -> pixel values per patch."""
 
+    no_weight_decay = ("mask_token",)  # read by pretrain.backbone.param_groups
+
     def __init__(self, *, encoder_size: int, patch_values: int, config: MAEConfig) -> None:
         super().__init__()
         blocks = BackboneConfig(
