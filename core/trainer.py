@@ -34,8 +34,8 @@ Conventions the callers rely on:
 - `batches(epoch)` must give every rank the same number of batches (the shards loader does); when an epoch runs
   out, the loop continues with `batches(epoch + 1)`. Resume re-creates the interrupted epoch and skips the batches
   already consumed, so a deterministic loader resumes at exactly the same sample.
-- The learning rate of every param group follows transformers' `get_cosine_schedule_with_warmup` (linear warmup over
-  `warmup_steps` from 0, cosine decay to 0 at `steps`) times its own `lr` (default `config.lr`).
+- The learning rate of every param group follows `lr_factor(step)` (linear warmup over `warmup_steps`, cosine decay to
+  0 at `steps`) times its own `lr` (default `config.lr`).
 - `export` and `images` run on the main process only and must not use collectives. What `export` returns (validation
   metrics, say) is logged to the tracker under `val/` at that step and printed as one line. Each `export` call gets
   `state` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s", "finished"}, which an export can put in
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import random
 import re
@@ -77,7 +78,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, send_to_device, set_seed
 from torch import Tensor, nn
-from transformers import get_cosine_schedule_with_warmup
 
 from core.errors import UserError
 from core.progress import progress_bar
@@ -118,6 +118,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1; got {self.keep_checkpoints}")
+
+
+def lr_factor(step: int, *, warmup_steps: int, steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `steps`. (transformers' get_cosine_schedule_with_warmup is the
+    same curve, but importing it pulls in transformers.trainer_utils and peft: ~5 s at the start of every process.)"""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class BatchStream:
@@ -287,7 +296,8 @@ class _Run:
         # tensors on a CPU, ~4 ms fused, which is 5-9% of a step.
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas),
                                       weight_decay=config.weight_decay, fused=True)
-        self.schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.batches, self.stream = batches, BatchStream(batches)
         self.sums: dict[str, Tensor | float] = defaultdict(float)
