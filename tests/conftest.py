@@ -9,6 +9,7 @@ Fixtures (session-scoped factories, usable from module-scoped fixtures too):
   sources. Every tree knows which files must pack (`expected`, with their labels) and which must be skipped (`skips`,
   with a word the skip reason must contain).
 - `tone`: (frames, channels) float32 harmonic tones.
+- `run_module`: `python -m MODULE ARGS...` as a user runs it (repository root, offline), output captured.
 - `write_shard`: one shard in the pack format (<key>.flac + <key>.json, `shards.format.SampleMeta`), written with
   stock webdataset.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ import soundfile as sf
 
 from core.errors import environment_problem
 from shards.vocab import DRUMS, GENRES, INSTRUMENTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -320,3 +325,17 @@ def tone_fixture():
 @pytest.fixture(name="write_shard", scope="session")
 def write_shard_fixture():
     return write_shard
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300,
+               ) -> subprocess.CompletedProcess:
+    """`python -m module args...` in the repository root, offline, with `env` on top of this environment."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                   "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(name="run_module", scope="session")
+def run_module_fixture():
+    return run_module

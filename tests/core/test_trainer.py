@@ -100,16 +100,11 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
 
-def run_pretrain(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pretrain", str(recipe), *overrides], env=environment(),
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, tmp_path):
+def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, run_module, tmp_path):
     settings = {"steps": 16, "checkpoint_every": 4, "image_every": 8}
     whole = tiny_recipe(tmp_path / "whole.yaml", shards, tmp_path / "whole", **settings)
-    result = run_pretrain(whole, "tracking=wandb")
+    result = run_module("pretrain", str(whole), "tracking=wandb", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrained 16 steps" in result.stdout and str(tmp_path / "whole" / "backbone") in result.stdout
 
@@ -125,7 +120,7 @@ def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards
     assert process.returncode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name in ("step-000004", "step-000008", "step-000012")
 
-    result = run_pretrain(killed, "resume=auto")
+    result = run_module("pretrain", str(killed), "resume=auto", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     final_whole = load_file(tmp_path / "whole" / "checkpoints" / "step-000016" / "model.safetensors")

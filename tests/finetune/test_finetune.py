@@ -139,23 +139,16 @@ def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() == exportable
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def cli_run(data, backbone_dir, tmp_path_factory) -> tuple[Path, str]:
+def cli_run(data, backbone_dir, run_module, tmp_path_factory) -> tuple[Path, str]:
     """(output_dir, stdout) of a linear-head LoRA model trained through the CLI with the shipped lora recipe."""
     output = tmp_path_factory.mktemp("run")
-    result = run_cli("recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
+    result = run_module("finetune", "recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
             f"data.val={data['val']}", f"output_dir={output}", "data.shuffle_buffer=32", "train.steps=12",
             "train.batch_size=8", "train.warmup_steps=2", "train.checkpoint_every=6", "adapt.warmup_head_steps=3",
             "train.lr=3e-3", f"data.clip_seconds={CLIP}", "eval.hop_seconds=0.5", "tracking=tensorboard",
             "augment.filters=0.5", "augment.noise=0.5", "augment.reverb=0.5", "augment.pitch=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
     return output, result.stdout + result.stderr
 
 
@@ -332,7 +325,7 @@ def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, t
     assert model.classifier.adapters is not None and not (tmp_path / "run" / "model" / "config.json").exists()
 
 
-def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp_path):
+def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp_path, run_module):
     from finetune.evaluate import evaluate
     from finetune.yardsticks import NO_INFORMATION, REGRESSION, yardsticks
 
@@ -341,8 +334,10 @@ def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp
     assert 0.2 < scores[NO_INFORMATION]["lrap"] < 0.4
     assert scores[REGRESSION]["lrap"] > scores[NO_INFORMATION]["lrap"] + 0.3  # the tones are easy for log-mel statistics
     evaluate(load_model(trained, device="cpu"), str(data["val"]), out=tmp_path / "report")
-    result = run_cli("yardsticks", str(data["train"]), str(data["val"]), str(data["val"]), "--clip-seconds", str(CLIP),
-                     "--report", str(tmp_path / "report" / "report.json"), "--out", str(tmp_path / "y.json"))
+    result = run_module("finetune", "yardsticks", str(data["train"]), str(data["val"]), str(data["val"]),
+                        "--clip-seconds", str(CLIP), "--report", str(tmp_path / "report" / "report.json"),
+                        "--out", str(tmp_path / "y.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[1].startswith("model (") and lines[2].startswith(NO_INFORMATION) and lines[3].startswith(REGRESSION)
     assert json.loads((tmp_path / "y.json").read_text())[REGRESSION]["lrap"] == pytest.approx(scores[REGRESSION]["lrap"])
