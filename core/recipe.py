@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true and false. YAML 1.1 also reads no/off/yes/on as booleans, which turned
-    `train.precision=no` into False."""
+    `resume=no` into False."""
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -159,7 +159,7 @@ class BatchStream:
                 self.consumed += 1
                 return batch
             if self.consumed == 0:
-                raise UserError(f"training data: epoch {self.epoch} yielded no batches; check data.shards")
+                raise UserError(f"training data: epoch {self.epoch} yielded no batches; check data.train")
             self.epoch, self.consumed, self.iterator = self.epoch + 1, 0, None
 
 
