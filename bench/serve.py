@@ -31,6 +31,7 @@ import torch
 
 from finetune.folder import save_model
 from finetune.train import FinetuneRecipe, build_classifier, model_info
+from pretrain.backbone import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = (1, 4, 16)
@@ -92,7 +93,7 @@ def main() -> int:
         model = Path(args.model) if args.model else None
         if model is None:
             torch.manual_seed(0)
-            recipe = FinetuneRecipe(size="cpu-2")
+            recipe = FinetuneRecipe(model=ModelConfig(size="cpu-2"))
             model = save_model(build_classifier(recipe).eval(), Path(scratch) / "model", model_info(recipe))
         files = {seconds: audio_file(seconds) for seconds in SECONDS}
         servers = {}

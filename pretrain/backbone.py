@@ -255,8 +255,9 @@ def init_weights(module: nn.Module) -> None:
 def param_groups(model: nn.Module, *, backbone: Backbone, lr: float, weight_decay: float,
                  layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups for `model` (which holds `backbone`): no weight decay on biases, norms and the parameters a module
-    names in its `no_weight_decay` (learned tokens and positions, as in MAE and timm); with `layer_decay` < 1, block i of L gets lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1)
-    (BEiT/AudioMAE). Everything outside the backbone's embeddings and blocks (final norm, heads, decoders) gets `lr`."""
+    names in its `no_weight_decay` (learned tokens and positions, as in MAE and timm); with `layer_decay` < 1, block i
+    of L gets lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1) (BEiT/AudioMAE). Everything
+    outside the backbone's embeddings and blocks (final norm, heads, decoders) gets `lr`."""
     num_layers = len(backbone.blocks)
     depths = {}  # parameter id -> 0 embeddings, i + 1 block i
     for name, parameter in backbone.named_parameters():

@@ -3,7 +3,8 @@
 Inputs are audio files, folders of audio files, or shards (a `.tar`, a split folder or a pack
 OUTDIR). Each file or shard sample is cut into windows of the backbone's clip length (the last
 window is aligned to the end, so every sample is seen; files shorter than a window are zero-padded
-to one window, as in training: `pretrain.encoder.cut_windows`), and its embedding is the mean of its windows' pooled embeddings.
+to one window, as in training: `pretrain.encoder.cut_windows`), and its embedding is the mean of its
+windows' pooled embeddings.
 
 The .npz holds `keys` (N,) — the file path, or the sample key for shards — `embeddings` (N, D)
 float32 and `windows` (N,); with `--tokens` also the window-averaged patch tokens as one ragged
@@ -29,7 +30,6 @@ from pretrain.encoder import AudioEncoder, cut_windows
 from pretrain.hub import load_backbone
 from shards.audio import BadAudio
 from shards.inputs import expand, is_shards, read_mono, shard_examples
-from shards.loader import shard_urls
 
 
 def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[tuple[str, Tensor]]:
@@ -39,7 +39,7 @@ def inputs(paths: list[str], sample_rate: int, skipped: list[str]) -> Iterator[t
             raise UserError(f"{given}: no such file or folder; pass audio files, folders of audio or shards")
     for name, shards in expand(paths):
         if shards:
-            yield from ((example.key, example.audio) for example in shard_examples(shard_urls(name), sample_rate))
+            yield from ((example.key, example.audio) for example in shard_examples(name, sample_rate))
             continue
         try:
             yield name, read_mono(name, sample_rate)

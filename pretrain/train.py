@@ -96,12 +96,11 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
             "recipe": to_dict(recipe),
         })
 
+    groups = param_groups(model, backbone=model.backbone, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     trained = train(
         model=model, loss_fn=lambda module, batch, step: module(batch), batches=batches, config=recipe.train,
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
-        resume=recipe.resume, param_groups=param_groups(model, backbone=model.backbone, lr=recipe.train.lr,
-                                                                weight_decay=recipe.train.weight_decay), export=export,
-        images=pictures,
+        resume=recipe.resume, param_groups=groups, export=export, images=pictures,
     )
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return trained, state

@@ -147,6 +147,11 @@ def convert(block: np.ndarray, rate: int, *, sample_rate: int, channels: int) ->
     return np.clip(block, -1.0, 1.0).astype(np.float32, copy=False)
 
 
+def to_mono(block: np.ndarray, rate: int, sample_rate: int) -> torch.Tensor:
+    """(frames, channels) float -> mono float32 (samples,) tensor at `sample_rate`, by `convert`'s rules."""
+    return torch.from_numpy(np.ascontiguousarray(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0]))
+
+
 @lru_cache(maxsize=16)
 def _resampler(rate: int, sample_rate: int) -> T.Resample:
     """A resampler per rate pair: building the windowed-sinc kernel costs more than applying it to a clip."""

@@ -12,12 +12,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from core.errors import UserError
-from shards.audio import BadAudio, convert, read_segments
+from shards.audio import BadAudio, read_segments, to_mono
 from shards.loader import eval_samples, is_shard_spec
 from shards.sources import audio_files, scan
 
@@ -34,7 +33,7 @@ class Example:
 def read_mono(path: str | os.PathLike, sample_rate: int) -> Tensor:
     """Any file soundfile reads -> mono float32 (samples,) at `sample_rate`; raises shards.audio.BadAudio."""
     _, block, rate = next(read_segments(path))
-    return torch.from_numpy(np.ascontiguousarray(convert(block, rate, sample_rate=sample_rate, channels=1)[:, 0]))
+    return to_mono(block, rate, sample_rate)
 
 
 def is_shards(name: str | os.PathLike) -> bool:

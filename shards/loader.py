@@ -50,7 +50,7 @@ from einops import rearrange
 
 from core.errors import UserError
 from shards import vocab
-from shards.audio import convert
+from shards.audio import to_mono
 from shards.format import MANIFEST, SAMPLE_FILES, Batch, SampleMeta
 
 PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and pass OUTDIR/<split>"
@@ -372,11 +372,6 @@ def _metadata(sample: dict) -> SampleMeta:
     return meta
 
 
-def _mono(frames: np.ndarray, rate: int, sample_rate: int) -> torch.Tensor:
-    """(frames, channels) float32 -> mono (samples,) tensor at `sample_rate`, by pack's own channel and rate rules."""
-    return torch.from_numpy(np.ascontiguousarray(convert(frames, rate, sample_rate=sample_rate, channels=1)[:, 0]))
-
-
 def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
     """`views` random crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
 
@@ -398,7 +393,7 @@ def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: ra
                 offset = rng.randint(0, length - read) if frames < need else 0
                 audio.read(read, dtype="float32", always_2d=True, out=out[view, offset : offset + read, None])
                 continue
-            clip = _mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
+            clip = to_mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
             clip = clip.numpy()[:length]
             offset = rng.randint(0, length - len(clip)) if frames < need else 0
             out[view, offset : offset + len(clip)] = clip
@@ -515,8 +510,8 @@ def train_batches(
     """One epoch of training batches for this rank: exactly `batches_per_epoch` of them on every rank.
 
     The default epoch is ceil(samples / (batch_size * world_size)) batches, so each sample is seen about
-    once per epoch over all ranks. Batches are `shards.format.Batch` dicts. With mix_max >= 2, each clip is mixed with probability
-    `mix_probability` with 1..mix_max-1 recent clips of other songs (labelled only with labelled, of its own
+    once per epoch over all ranks. Batches are `shards.format.Batch` dicts. With mix_max >= 2, each clip is mixed
+    with probability `mix_probability` with 1..mix_max-1 recent clips of other songs (labelled only with labelled, of its own
     genre with `same_genre_mix`) and carries the union of their labels; its key and song join theirs with '+'.
     Identical for the same (seed, epoch, rank, world_size) and num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
     it is a plain iterable dataset that may also be wrapped in `DataLoader(..., batch_size=None)`.
@@ -599,7 +594,7 @@ def _eval_stream(urls: list[str], *, rank: int, world_size: int, sample_rate: in
         with soundfile.SoundFile(io.BytesIO(sample["flac"])) as audio:
             rate = audio.samplerate
             target = sample_rate or rate
-            waveform = _mono(audio.read(dtype="float32", always_2d=True), rate, target)
+            waveform = to_mono(audio.read(dtype="float32", always_2d=True), rate, target)
         instruments = list(vocab.parse_instruments(meta.get("instruments") or []))
         yield dict(
             audio=waveform,

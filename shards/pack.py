@@ -94,7 +94,7 @@ class PackOptions:
 class Sample:
     key: str
     flac: bytes
-    meta: dict
+    meta: SampleMeta
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(problem, returncode=2)
 
 
-
 TRAIN_DIR = "IRMAS-TrainingData"
 TEST_PARTS = {  # part folder -> inner folder (the real data set names them inconsistently)
     "IRMAS-TestingData-Part1": "Part1",
