@@ -1,9 +1,9 @@
-"""Self-supervised objectives on the spectrogram ViT: MAE, ELECTRA-style patch detection, metric learning.
+"""Self-supervised objectives on the spectrogram ViT: MAE, an EMA teacher, ELECTRA-style detection, metric learning.
 
-The file reads top to bottom: masking strategies and the MAE decoder and loss; patch corruption and the
-detection loss; clip-level metric losses (NT-Xent between views, hierarchical-margin triplets for labelled
-clips) with negatives from every rank; then `Pretrainer`, the module the trainer runs, which combines the
-enabled objectives with their weights. An objective with weight 0 is not built at all.
+The file reads top to bottom: masking strategies and the MAE decoder and loss; the EMA teacher's decay schedule
+and targets; patch corruption and the detection loss; clip-level metric losses (NT-Xent between views,
+hierarchical-margin triplets for labelled clips) with negatives from every rank; then `Pretrainer`, the module the
+trainer runs, which combines the enabled objectives with their weights. An objective with weight 0 is not built.
 
 Patches are the backbone's non-overlapping 16x16 patches of the normalised log-mel image, in its token
 order (frequency-major); `patchify`/`unpatchify` move between the image and the patch sequence.
@@ -11,6 +11,9 @@ order (frequency-major); `patchify`/`unpatchify` move between the image and the 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -31,6 +34,14 @@ from pretrain.frontend import SpecAugment
 MASKINGS = ("random", "time", "frequency", "block")
 
 
+def check_masking(section: str, masking: str, ratio: float) -> None:
+    """ValueError naming `section` for an unknown masking strategy or a mask ratio outside (0, 1)."""
+    if masking not in (*MASKINGS, "mixed"):
+        raise ValueError(f"{section}.masking must be one of {', '.join(MASKINGS)}, mixed; got {masking!r}")
+    if not 0 < ratio < 1:
+        raise ValueError(f"{section}.mask_ratio must be between 0 and 1; got {ratio}")
+
+
 @dataclass
 class MAEConfig:
     """Masked autoencoder: encoder on visible patches only, light decoder, loss on masked patches."""
@@ -46,10 +57,32 @@ class MAEConfig:
     norm_pix_loss: bool = True  # target = each patch normalised to zero mean, unit variance
 
     def __post_init__(self) -> None:
-        if self.masking not in (*MASKINGS, "mixed"):
-            raise ValueError(f"mae.masking must be one of {', '.join(MASKINGS)}, mixed; got {self.masking!r}")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mae.mask_ratio must be between 0 and 1; got {self.mask_ratio}")
+        check_masking("mae", self.masking, self.mask_ratio)
+
+
+@dataclass
+class TeacherConfig:
+    """Masked prediction of a teacher's patch representations (data2vec, M2D): the student encodes the visible
+    patches, a small predictor fills in the masked positions, and the targets are the teacher's layer-normalised
+    output tokens there. The teacher sees every patch and is an exponential moving average of the student, its
+    decay rising from `ema_decay` to `ema_decay_end` over the run (cosine), so short runs get a teacher that moves."""
+
+    weight: float = 0.0
+    mask_ratio: float = 0.6
+    masking: str = "random"  # as mae.masking
+    block_size: int = 2
+    predictor_hidden_size: int = 128
+    predictor_layers: int = 2
+    predictor_heads: int = 4
+    predictor_intermediate_size: int = 512
+    ema_decay: float = 0.99
+    ema_decay_end: float = 0.999
+
+    def __post_init__(self) -> None:
+        check_masking("teacher", self.masking, self.mask_ratio)
+        if not 0 <= self.ema_decay <= self.ema_decay_end < 1:
+            raise ValueError("teacher.ema_decay and teacher.ema_decay_end need 0 <= ema_decay <= ema_decay_end < 1; "
+                             f"got {self.ema_decay} and {self.ema_decay_end}")
 
 
 @dataclass
@@ -85,11 +118,15 @@ class MetricConfig:
 @dataclass
 class ObjectivesConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     electra: ElectraConfig = field(default_factory=ElectraConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
 
     def enabled(self) -> list[str]:
-        return [name for name in ("mae", "electra", "metric") if getattr(self, name).weight > 0]
+        return [name for name in OBJECTIVES if getattr(self, name).weight > 0]
+
+
+OBJECTIVES = tuple(f.name for f in dataclasses.fields(ObjectivesConfig))  # mae, teacher, electra, metric
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,7 +169,8 @@ def mask_from_scores(scores: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
     return keep, masked
 
 
-def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, config: MAEConfig) -> tuple[Tensor, Tensor]:
+def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, config: MAEConfig | TeacherConfig
+                 ) -> tuple[Tensor, Tensor]:
     """keep (B, K), masked (B, N) for the configured strategy ("mixed" draws one strategy per batch)."""
     strategy = config.masking
     if strategy == "mixed":
@@ -150,6 +188,12 @@ def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, con
     return mask_from_scores(scores, config.mask_ratio)
 
 
+def masked_indices(masked: Tensor) -> Tensor:
+    """masked (B, N) bool with the same count M masked in every clip -> (B, M) their indices in token order."""
+    count = int(masked[0].sum())
+    return masked.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
+
+
 @lru_cache(maxsize=16)
 def _decoder_positions(grid: tuple[int, int], dim: int, device: torch.device) -> Tensor:
     """(1, N, dim) fixed 2D sin-cos positions of the decoder, made once per grid and device."""
@@ -157,28 +201,25 @@ def _decoder_positions(grid: tuple[int, int], dim: int, device: torch.device) ->
 
 
 class MAEDecoder(nn.Module):
-    """Visible tokens + mask tokens at fixed sin-cos positions -> a small transformer -> pixel values per patch."""
+    """Visible tokens + mask tokens at fixed sin-cos positions -> a small transformer -> `output_size` values per patch
+    (pixels for MAE, the teacher's representation for the teacher objective)."""
 
     no_weight_decay = ("mask_token",)  # read by pretrain.backbone.param_groups
 
-    def __init__(self, *, encoder_size: int, patch_values: int, config: MAEConfig) -> None:
+    def __init__(self, *, encoder_size: int, output_size: int, hidden_size: int, layers: int, heads: int,
+                 intermediate_size: int) -> None:
         super().__init__()
-        blocks = BackboneConfig(
-            hidden_size=config.decoder_hidden_size,
-            num_layers=config.decoder_layers,
-            num_heads=config.decoder_heads,
-            intermediate_size=config.decoder_intermediate_size,
-            layer_norm_eps=1e-6,
-        )
-        self.embed = nn.Linear(encoder_size, config.decoder_hidden_size)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
-        self.blocks = nn.ModuleList(Block(blocks) for _ in range(config.decoder_layers))
-        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=1e-6)
-        self.head = nn.Linear(config.decoder_hidden_size, patch_values)
+        blocks = BackboneConfig(hidden_size=hidden_size, num_layers=layers, num_heads=heads,
+                                intermediate_size=intermediate_size, layer_norm_eps=1e-6)
+        self.embed = nn.Linear(encoder_size, hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.blocks = nn.ModuleList(Block(blocks) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.head = nn.Linear(hidden_size, output_size)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, hidden: Tensor, keep: Tensor, grid: tuple[int, int], predict: Tensor | None = None) -> Tensor:
-        """hidden (B, 2 + K, D) encoder output (cls, dist, visible), keep (B, K) -> (B, N, patch_values), or only
+        """hidden (B, 2 + K, D) encoder output (cls, dist, visible), keep (B, K) -> (B, N, output_size), or only
         the patches at `predict` (B, M) indices: the loss needs the masked ones, so the head skips the rest."""
         x = self.embed(hidden)
         special, visible = x[:, :2], x[:, 2:]
@@ -206,6 +247,22 @@ def masked_patch_loss(prediction: Tensor, target: Tensor, masked: Tensor) -> Ten
     """Mean squared error over the masked patches only."""
     error = (prediction.float() - target.float()).square().mean(dim=-1)
     return (error * masked).sum() / masked.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA teacher
+
+
+def ema_decay(progress: float, config: TeacherConfig) -> float:
+    """The teacher's decay at `progress` (0 at the first step, 1 at the last): a cosine from ema_decay up to ema_decay_end."""
+    rise = (1 - math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
+    return config.ema_decay + (config.ema_decay_end - config.ema_decay) * rise
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter."""
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,14 +406,25 @@ class Pretrainer(AudioEncoder):
 
     def __init__(self, *, backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
         if not objectives.enabled():
-            raise ValueError("no objective enabled; give objectives.mae, .electra or .metric a weight > 0")
+            raise ValueError(f"no objective enabled; give one of objectives.{{{', '.join(OBJECTIVES)}}} a weight > 0")
         if backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size:
             raise ValueError("pretraining needs non-overlapping patches: frequency_stride = time_stride = patch_size")
         super().__init__(backbone=Backbone(backbone))
         self.objectives = objectives
         patch_values = backbone.patch_size**2
         if objectives.mae.weight > 0:
-            self.decoder = MAEDecoder(encoder_size=backbone.hidden_size, patch_values=patch_values, config=objectives.mae)
+            mae = objectives.mae
+            self.decoder = MAEDecoder(encoder_size=backbone.hidden_size, output_size=patch_values,
+                                      hidden_size=mae.decoder_hidden_size, layers=mae.decoder_layers,
+                                      heads=mae.decoder_heads, intermediate_size=mae.decoder_intermediate_size)
+        if objectives.teacher.weight > 0:
+            teacher = objectives.teacher
+            self.predictor = MAEDecoder(encoder_size=backbone.hidden_size, output_size=backbone.hidden_size,
+                                        hidden_size=teacher.predictor_hidden_size, layers=teacher.predictor_layers,
+                                        heads=teacher.predictor_heads,
+                                        intermediate_size=teacher.predictor_intermediate_size)
+            self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
+            self.teacher_progress: float | None = None  # the step the teacher was last moved at (once per step)
         if objectives.electra.weight > 0:
             self.detector = nn.Linear(backbone.hidden_size, 3)
         if objectives.metric.weight > 0:
@@ -375,14 +443,28 @@ class Pretrainer(AudioEncoder):
         frames = self.backbone.grid(features.shape[1])[1] * self.backbone.config.patch_size
         return rearrange(features[:, :frames], "(b v) t f -> b v t f", v=views)
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor | float]]:
-        """The weighted sum of the enabled objectives, and each one's (detached) value for logging."""
+    def forward(self, batch: dict, *, progress: float | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The weighted sum of the enabled objectives, and each one's (detached) value for logging.
+
+        `progress` (step / steps, from the trainer) moves the EMA teacher towards the student once per step, at the
+        first forward of that step; None leaves the teacher as it is.
+        """
         features = self.features(batch["audio"])
         total, logs = features.new_zeros(()), {}
         if self.objectives.mae.weight > 0:
             mae = self.mae(features[:, 0])
             total = total + self.objectives.mae.weight * mae["loss"]
             logs["mae"] = mae["loss"].detach()
+        if self.objectives.teacher.weight > 0:
+            if progress is not None:
+                logs["teacher_ema_decay"] = decay = ema_decay(progress, self.objectives.teacher)
+                if progress != self.teacher_progress:
+                    ema_update(self.teacher, self.backbone, decay)
+                    self.teacher_progress = progress
+            teacher = self.teach(features[:, 0])
+            total = total + self.objectives.teacher.weight * teacher["loss"]
+            logs["teacher"] = teacher["loss"].detach()
+            logs["teacher_target_std"] = teacher["target_std"]
         if self.objectives.electra.weight > 0:
             electra = self.electra(features[:, 0])
             total = total + self.objectives.electra.weight * electra["loss"]
@@ -410,12 +492,28 @@ class Pretrainer(AudioEncoder):
         if every_patch:
             prediction = self.decoder(encoded.hidden, keep, grid)
             loss = masked_patch_loss(prediction, target, masked)
-        else:  # the same count is masked in every clip: a stable sort lists each clip's masked patches in order
-            hidden_ids = masked.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : grid[0] * grid[1] - keep.shape[1]]
+        else:
+            hidden_ids = masked_indices(masked)
             prediction = self.decoder(encoded.hidden, keep, grid, predict=hidden_ids)
             chosen = torch.gather(target, 1, repeat(hidden_ids, "b m -> b m p", p=target.shape[-1]))
             loss = (prediction.float() - chosen.float()).square().mean()
         return {"loss": loss, "prediction": prediction, "target": target, "masked": masked}
+
+    def teach(self, features: Tensor) -> dict[str, Tensor]:
+        """features (B, T, F) -> loss (mean squared error of the predicted masked tokens against the teacher's,
+        layer-normalised), prediction and target (B, M, D), masked (B, N), and target_std: the targets' spread over
+        tokens, averaged over channels (near 0 means the representations collapsed to a constant)."""
+        grid = self.backbone.grid(features.shape[1])
+        keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.teacher)
+        hidden_ids = masked_indices(masked)
+        prediction = self.predictor(self.backbone(features, keep=keep).hidden, keep, grid, predict=hidden_ids)
+        with torch.no_grad():
+            tokens = self.teacher(features).tokens.float()
+            tokens = F.layer_norm(tokens, tokens.shape[-1:])
+            target = torch.gather(tokens, 1, repeat(hidden_ids, "b m -> b m d", d=tokens.shape[-1]))
+        loss = (prediction.float() - target).square().mean()
+        return {"loss": loss, "prediction": prediction, "target": target, "masked": masked,
+                "target_std": target.flatten(0, 1).std(dim=0).mean()}
 
     def electra(self, features: Tensor) -> dict[str, Tensor]:
         """features (B, T, F) -> loss, logits (B, N, 3), labels (B, N), corrupted features (B, T, F)."""

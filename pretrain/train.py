@@ -7,8 +7,9 @@ A recipe is plain YAML read into `PretrainRecipe`:
                  sample_rate, mix_max, mix_probability, same_genre_mix, views, shuffle_buffer, batches_per_epoch, ...
     model:       pretrain.backbone.ModelConfig, shared with fine-tuning: size (cpu-2 | cpu-4 | tiny | small | base)
                  and optional overrides; max_frames is derived from data.clip_seconds
-    objectives:  mae / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
+    objectives:  mae / teacher / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
     train:       core.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
+    probe:       optional labelled shards (train, val): a frozen-feature probe at every checkpoint (pretrain.probe)
     tracking:    none | wandb | tensorboard        run_name, output_dir, resume (null | auto | checkpoint dir)
 
 The backbone is written in the Hub format (`pretrain.hub.save_pretrained`) to `<output_dir>/backbone/` at every
@@ -31,8 +32,9 @@ from core.trainer import TRACKERS, TrainConfig, train
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
-from pretrain.objectives import ObjectivesConfig, Pretrainer
+from pretrain.objectives import OBJECTIVES, ObjectivesConfig, Pretrainer
 from pretrain.pictures import pictures
+from pretrain.probe import Probe, ProbeConfig
 from shards.loader import DataConfig, shard_urls
 
 
@@ -42,6 +44,7 @@ class PretrainRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: str = "none"
     run_name: str | None = None
     output_dir: str = "runs/pretrain"
@@ -62,7 +65,7 @@ def backbone_config(recipe: PretrainRecipe, *, source: str | Path) -> BackboneCo
 def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretrainer, dict]:
     """Pretrain as the recipe says; returns the trained module and the trainer's final state."""
     if not recipe.objectives.enabled():
-        raise UserError(f"{source}: no objective enabled; set objectives.mae.weight (or electra/metric) above 0")
+        raise UserError(f"{source}: no objective enabled; set objectives.mae.weight (or teacher/electra/metric) above 0")
     if recipe.tracking not in TRACKERS:
         raise UserError(f"{source}: tracking: unknown tracker {recipe.tracking!r}; use one of {', '.join(TRACKERS)}")
     data = recipe.data
@@ -81,11 +84,17 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
         raise UserError(f"{source}: {error}") from None
 
     stream = dataclasses.replace(data, train=urls)
+    probe = None
+    if bool(recipe.probe.train) != bool(recipe.probe.val):
+        raise UserError(f"{source}: probe needs both train and val labelled shards (or neither); e.g. probe.train="
+                        "demo/shards/irmas-train/train probe.val=demo/shards/irmas-train/val")
+    if recipe.probe.train and PartialState().is_main_process:  # the export hook, which runs it, is the main process's
+        probe = Probe(recipe.probe, sample_rate=data.sample_rate)
 
     def batches(epoch: int):
         return stream.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
 
-    def export(trained: Pretrainer, directory: Path, state: dict) -> None:
+    def export(trained: Pretrainer, directory: Path, state: dict) -> dict[str, float] | None:
         save_pretrained(trained.backbone, directory / "backbone", card={
             "name": recipe.run_name or f"Timbre {recipe.model.size} ({' + '.join(recipe.objectives.enabled())})",
             "data": urls,
@@ -95,10 +104,12 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
             "metrics": {name: round(value, 5) for name, value in state["logs"].items()} or None,
             "recipe": to_dict(recipe),
         })
+        return probe(trained) if probe else None
 
     groups = param_groups(model, backbone=model.backbone, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     trained = train(
-        model=model, loss_fn=lambda module, batch, step: module(batch), batches=batches, config=recipe.train,
+        model=model, loss_fn=lambda module, batch, step: module(batch, progress=step / recipe.train.steps),
+        batches=batches, config=recipe.train,
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
         resume=recipe.resume, param_groups=groups, export=export, images=pictures,
     )
@@ -116,7 +127,7 @@ def main(argv: list[str]) -> int:
     _, state = run(recipe, source=path)
     if PartialState().is_main_process:
         logs = state["logs"]
-        losses = ", ".join(f"{name} {logs[name]:.4f}" for name in ("mae", "electra", "metric") if name in logs)
+        losses = ", ".join(f"{name} {logs[name]:.4f}" for name in OBJECTIVES if name in logs)
         print(f"pretrained {state['step']} steps: loss {logs.get('loss', float('nan')):.4f} ({losses}), "
               f"{state['clips_per_s']:.1f} clips/s; backbone in {Path(recipe.output_dir) / 'backbone'}")
     return 0

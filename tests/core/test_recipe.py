@@ -85,3 +85,15 @@ def test_print_recipe_shows_the_effective_recipe_and_it_loads_back(command, reci
     (tmp_path / "effective.yaml").write_text(result.stdout)
     assert load_recipe(tmp_path / "effective.yaml", [], cls) == load_recipe(recipe, ["train.steps=7",
                                                                                      "data.clip_seconds=2.5"], cls)
+
+
+
+FINETUNE_RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "finetune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda p: p.name)
+def test_every_shipped_finetune_recipe_loads_under_its_schema(path: Path) -> None:  # pretraining's: test_trainer
+    from finetune.train import FinetuneRecipe
+
+    recipe = load_recipe(path, [], FinetuneRecipe)
+    assert recipe.output_dir and recipe.data.train and recipe.data.val, path

@@ -64,13 +64,15 @@ def shards(irmas, tmp_path_factory) -> list[str]:
 
 
 def tiny_recipe(path: Path, shards: list[str], output_dir: Path, **train) -> Path:
-    """A deterministic tiny run with all three objectives."""
+    """A deterministic tiny run with all four objectives."""
     recipe = {
         "data": {"train": shards, "clip_seconds": 1.0, "shuffle_buffer": 16, "mix_max": 2},
         "model": {"size": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
         "objectives": {
             "mae": {"weight": 1.0, "decoder_hidden_size": 32, "decoder_layers": 1, "decoder_heads": 2,
                     "decoder_intermediate_size": 64, "masking": "mixed"},
+            "teacher": {"weight": 0.5, "predictor_hidden_size": 32, "predictor_layers": 1, "predictor_heads": 2,
+                        "predictor_intermediate_size": 64},
             "electra": {"weight": 0.5},
             "metric": {"weight": 0.5, "projection_size": 32},
         },
@@ -104,9 +106,11 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
 def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, run_module, tmp_path):
     settings = {"steps": 16, "checkpoint_every": 4, "image_every": 8}
     whole = tiny_recipe(tmp_path / "whole.yaml", shards, tmp_path / "whole", **settings)
-    result = run_module("pretrain", str(whole), "tracking=wandb", env={"OMP_NUM_THREADS": "1"})
+    result = run_module("pretrain", str(whole), "tracking=wandb", f"probe.train={shards[0]}", f"probe.val={shards[0]}",
+                        env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrained 16 steps" in result.stdout and str(tmp_path / "whole" / "backbone") in result.stdout
+    assert "step 16 validation: probe_lrap" in result.stdout + result.stderr  # the frozen-feature probe ran
 
     killed = tiny_recipe(tmp_path / "killed.yaml", shards, tmp_path / "killed", **settings)
     process = subprocess.Popen([PYTHON, "-m", "pretrain", str(killed)], env=environment(),
@@ -131,8 +135,9 @@ def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards
 
     run_dir = next((tmp_path / "whole" / "wandb").glob("offline-run-*"))
     data = next(run_dir.glob("run-*.wandb")).read_bytes()
-    for key in ("loss", "mae", "electra", "metric", "metric_ntxent", "metric_triplet", "lr", "grad_norm",
-                "clips_per_s", "mae/input-masked-reconstruction", "electra/corrupted-truth-detected"):
+    for key in ("loss", "mae", "teacher", "teacher_target_std", "teacher_ema_decay", "electra", "metric",
+                "metric_ntxent", "metric_triplet", "lr", "grad_norm", "clips_per_s", "val/probe_lrap", "val/probe_map",
+                "mae/input-masked-reconstruction", "electra/corrupted-truth-detected"):
         assert bytes([len(key)]) + key.encode() in data, key  # protobuf strings: length byte + name
     assert list((run_dir / "files" / "media" / "images" / "mae").glob("*.png"))
     card = (tmp_path / "whole" / "backbone" / "README.md").read_text()
@@ -191,7 +196,10 @@ def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path):
     with pytest.raises(UserError, match=r"recipe.yaml: tracking: unknown tracker 'mlflow'"):
         main([str(recipe), "tracking=mlflow"])
     with pytest.raises(UserError, match=r"recipe.yaml: no objective enabled"):
-        main([str(recipe), "objectives.mae.weight=0", "objectives.electra.weight=0", "objectives.metric.weight=0"])
+        main([str(recipe), "objectives.mae.weight=0", "objectives.teacher.weight=0", "objectives.electra.weight=0",
+              "objectives.metric.weight=0"])
+    with pytest.raises(UserError, match=r"recipe.yaml: probe needs both train and val"):
+        main([str(recipe), f"probe.train={shards[0]}"])
     with pytest.raises(UserError, match=r"recipe.yaml: model: unknown backbone size 'huge'"):
         main([str(recipe), "model.size=huge"])
     with pytest.raises(UserError, match="no such shard"):

@@ -18,9 +18,11 @@ from pretrain.objectives import (
     MetricConfig,
     ObjectivesConfig,
     Pretrainer,
+    TeacherConfig,
     balanced_accuracy,
     block_scores,
     corrupt_patches,
+    ema_decay,
     frequency_band_scores,
     hierarchical_triplets,
     hierarchy_levels,
@@ -62,8 +64,10 @@ def pretrainer(**weights: float) -> Pretrainer:
     torch.manual_seed(0)
     mae = MAEConfig(weight=weights.get("mae", 0.0), decoder_hidden_size=64, decoder_layers=1, decoder_heads=4,
                     decoder_intermediate_size=128)
+    teacher = TeacherConfig(weight=weights.get("teacher", 0.0), predictor_hidden_size=64, predictor_layers=1,
+                            predictor_intermediate_size=128)
     return Pretrainer(backbone=TINY, objectives=ObjectivesConfig(
-        mae=mae, electra=ElectraConfig(weight=weights.get("electra", 0.0)),
+        mae=mae, teacher=teacher, electra=ElectraConfig(weight=weights.get("electra", 0.0)),
         metric=MetricConfig(weight=weights.get("metric", 0.0), projection_size=32)))
 
 
@@ -137,7 +141,7 @@ def test_triplet_margins_grow_with_distance_in_the_label_hierarchy():
     assert all(levels[x, y] < levels[x, z] for x, y, z in found)
 
 
-@pytest.mark.parametrize("objective", ["mae", "electra", "metric"])
+@pytest.mark.parametrize("objective", ["mae", "teacher", "electra", "metric"])
 def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, features):
     model = pretrainer(**{objective: 1.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -153,6 +157,8 @@ def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, featur
         if objective == "metric":
             terms = model.metric_terms(views, batch)
             loss = terms["ntxent"] + terms["triplet"]
+        elif objective == "teacher":  # a fixed teacher (no EMA steps): the student learns to predict its tokens
+            loss = model.teach(batch_features)["loss"]
         else:
             loss = getattr(model, objective)(batch_features)["loss"]
         loss.backward()
@@ -215,3 +221,30 @@ def test_pretrainer_combines_weighted_objectives_and_draws_pictures():
         assert picture.dtype.name == "uint8" and picture.shape == (3 * 128 + 8, frames, 3)
     assert set(drawn) == {"mae/input-masked-reconstruction", "electra/corrupted-truth-detected"}
     assert patchify(torch.zeros(1, frames, 128), 16).shape == (1, 48, 256)
+
+
+def test_ema_teacher_moves_once_per_step_by_the_scheduled_share_and_never_trains():
+    config = TeacherConfig(ema_decay=0.9, ema_decay_end=0.99)
+    assert ema_decay(0.0, config) == pytest.approx(0.9) and ema_decay(1.0, config) == pytest.approx(0.99)
+    assert ema_decay(0.5, config) == pytest.approx(0.945)  # cosine: half way at mid-run
+    model = pretrainer(teacher=1.0)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert not {id(p) for p in model.teacher.parameters()} & {id(p) for p in model.parameters() if p.requires_grad}
+    with torch.no_grad():  # a student that has moved away from its initial copy
+        for parameter in model.backbone.parameters():
+            parameter.add_(1.0)
+    before = [p.clone() for p in model.teacher.parameters()]
+    batch = {"audio": gliding_tones(4, seed=3)}
+    loss, logs = model(batch, progress=0.0)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert logs["teacher_ema_decay"] == pytest.approx(0.99) and float(logs["teacher_target_std"]) > 0.1
+    for old, new in zip(before, model.teacher.parameters()):  # 1% of the way to the student (student = old + 1)
+        assert torch.allclose(new, old + 0.01, atol=1e-5)
+    model(batch, progress=0.0)  # a second micro-batch of the same step (gradient accumulation): no second move
+    model(batch)  # no progress given (pictures, evaluation): the teacher stays
+    for old, new in zip(before, model.teacher.parameters()):
+        assert torch.allclose(new, old + 0.01, atol=1e-5)
+    model(batch, progress=0.5)  # decay 0.9945: 0.55% of the remaining 0.99
+    for old, new in zip(before, model.teacher.parameters()):
+        assert torch.allclose(new, old + 0.01 + 0.99 * 0.0055, atol=1e-5)
