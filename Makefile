@@ -71,7 +71,7 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/serve.py
 
-# Does pretraining help? Scratch vs each objective on a cross-SoundFont test set (< 90 min on 2 cores).
+# Does pretraining pay where labels are few? Scratch vs each objective, 3 seeds, on an unseen-SoundFont test set.
 bench-quality: install
 	$(PY) bench/quality.py --write-results --notes bench/quality_notes.md
 

@@ -1,19 +1,22 @@
-"""Does pretraining help? The end-to-end quality benchmark, printed as one JSON object.
+"""Does pretraining on unlabeled audio pay where labels are few? The end-to-end quality benchmark, printed as JSON.
 
-Runs the toolkit's own command lines, one subprocess per step, exactly as a user would:
-1. `shards synth`: an unlabeled pool and a labelled IRMAS-layout training set rendered with one SoundFont
-   (FluidR3_GM), and a polyphonic IRMAS-layout test set rendered with another (pretty_midi's TimGM6mb) and seed,
-   so the score measures generalisation to unseen timbres, not memorised samples; the same test pieces are also
-   rendered with the training SoundFont, to show what the unseen timbres cost;
-2. `shards pack` each (the labelled set with a song-grouped validation split, for thresholds), plus nested,
-   song-grouped subsets of the labelled set for the label-efficiency curve;
-3. `pretrain` the same tiny backbone with each objective's recipe for the same compute (steps x batch);
-4. `finetune` each backbone and a from-scratch baseline with the same recipe, and a linear probe of each;
-5. `finetune evaluate` every model on the cross-SoundFont test shards (the numbers come from its report.json),
-   and the main table's fine-tuned models on the same-font test shards too; score two yardsticks without a ViT
-   (every instrument predicted; a logistic regression on log-mel statistics);
-6. write RESULTS.md (table, commands, seeds, machine, date) and a label-efficiency plot (macro F1 against
-   labelled clips per class, scratch vs the best objective) to --out, and to bench/ with --write-results.
+The case users are in: few labels from one narrow source, plenty of unlabeled audio from many sources, a test on a
+source the labels never showed. It runs the toolkit's own command lines, one subprocess per step, as a user would:
+1. `shards synth`: labelled IRMAS-layout clips rendered with one SoundFont (FluidR3_GM), an unlabeled pool of
+   3-12 s music with several (by default the demo's three training fonts, one drawn per clip), and polyphonic
+   IRMAS-layout test files rendered with a font in neither set (pretty_midi's TimGM6mb), other pieces and seeds;
+   the same test pieces are also rendered with the labelled set's font, to show what the unseen timbres cost;
+2. `shards pack` each (the labelled set with a song-grouped validation split for thresholds and the best
+   checkpoint), and nested, song-grouped subsets of the labelled set for the label-efficiency curve (8/16/32);
+3. `pretrain` the same CPU-sized backbone with each objective's recipe for the same compute (steps x batch),
+   logging its loss curve;
+4. `finetune` each backbone and a from-scratch baseline with the shipped CPU recipe (recipes/finetune/cpu-synth.yaml),
+   one run per seed, and a frozen-feature linear probe of each;
+5. `finetune evaluate` every model on the test shards (the numbers come from its report.json) and `finetune
+   yardsticks` (no information; log-mel statistics + logistic regression) on the same data;
+6. write RESULTS.md (mean +- std over seeds, targets, pretraining curves, commands, seeds, machine, date) and a
+   label-efficiency plot with error bars (scratch vs the best objective) to --out, and to bench/ with
+   --write-results.
 
 Every stage is resumable: a stage finished under the same key (its command, the recipe it reads and the stages
 it depends on) is skipped, an interrupted one is rerun with the CLIs' own resume (synth and pack finish the job,
@@ -21,8 +24,8 @@ training uses `resume=auto`), and a changed one is cleared and rerun with everyt
 command and its log file are printed to stderr (logs under OUT/logs); a failing step stops the run with one line
 naming the stage. Delete OUT after changing the toolkit's code: the keys do not cover it.
 
-    python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~8 min on the busy VM: checks the pipeline
-    python bench/quality.py --write-results        # the full budget (48 min on 2 idle cores): bench/RESULTS.md
+    python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~70 short stages, 15-30 min: checks the pipeline
+    python bench/quality.py --write-results --notes bench/quality_notes.md   # the full table: bench/RESULTS.md
 
 `--table supervised` is the supervised-only table instead: no pretraining; the shipped CPU recipe
 (recipes/finetune/cpu-synth.yaml, a scratch ViT) trained with several seeds on clips rendered with the demo's three
@@ -53,36 +56,36 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from core.errors import UserError, run_cli
-from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
+from finetune.metrics import HEADLINE
 from finetune.yardsticks import REGRESSION, yardsticks
-from pretrain.encoder import cut_windows
-from pretrain.frontend import LogMel
 from shards.format import MANIFEST
-from shards.loader import eval_samples
 from shards.sources import TRAIN_DIR, scan
 from shards.synth.plans import TEST_DIR
 from shards.synth.render import FLUIDR3, bundled_soundfont
-from shards.vocab import INSTRUMENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RECIPES = ROOT / "recipes"
-OBJECTIVES = ("mae", "electra", "metric", "combined")
+SF2 = Path("/usr/share/sounds/sf2")
+DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
+OBJECTIVES = ("mae", "teacher", "electra", "metric", "combined")
 VAL_FRACTION = 0.2
-ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "same_font_macro_f1", "same_font_lrap")  # the table's fine-tune columns
-TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.75  # the issue's bar: pretrained - scratch, best fine-tuned macro F1
+ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "map", "same_font_macro_f1", "same_font_lrap")  # fine-tune columns
+TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.60  # the issue's bar: pretrained - scratch, best fine-tuned macro F1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Budget:
-    """Sizes of one benchmark run; `labelled_per_class[-1]` (the largest) is the budget of the main table."""
+    """Sizes of one benchmark run; `main_per_class` is the budget of the main table (one of `labelled_per_class`)."""
 
-    unlabeled: int  # pretraining pool: 3-12 s clips
-    labelled_per_class: tuple[int, ...]  # label-efficiency points, labelled 3 s clips per class (train + val)
+    unlabeled: int  # pretraining pool: 3-12 s clips, each rendered with one of the pool's SoundFonts
+    labelled_per_class: tuple[int, ...]  # label-efficiency points: labelled 3 s clips per class (train + val)
+    main_per_class: int
     test_files: int  # 5-20 s polyphonic test excerpts
+    size: str  # the backbone size every run uses (pretrain.backbone.SIZES)
+    seeds: tuple[int, ...]  # fine-tuning seeds of every fine-tuned row and label-efficiency point
     pretrain_steps: int
     pretrain_batch: int
     finetune_steps: int
@@ -93,14 +96,14 @@ class Budget:
 
 BUDGETS = {
     # Checks the pipeline end to end in minutes; its numbers say nothing about quality.
-    "tiny": Budget(unlabeled=16, labelled_per_class=(3, 6), test_files=8, pretrain_steps=3, pretrain_batch=4,
-                   finetune_steps=4, finetune_batch=4, probe_steps=4, probe_batch=8),
-    # The default, sized from throughput measured on 2 idle cores; it took 48 min there: data ~4 min, pretraining
-    # ~14 (2400 clips per objective, half of it `combined`), 9 fine-tunes ~15, 5 probes ~6, 19 evaluations ~8,
-    # yardsticks ~1.
-    # RESULTS.md lists every stage's time.
-    "full": Budget(unlabeled=1500, labelled_per_class=(8, 16, 32), test_files=100, pretrain_steps=150,
-                   pretrain_batch=16, finetune_steps=100, finetune_batch=16, probe_steps=100, probe_batch=32),
+    "tiny": Budget(unlabeled=24, labelled_per_class=(4, 6), main_per_class=6, test_files=8, size="cpu-2",
+                   seeds=(0, 1), pretrain_steps=3, pretrain_batch=4, finetune_steps=4, finetune_batch=4,
+                   probe_steps=4, probe_batch=8),
+    # Sized from single runs on 2 cores (fp32): rendering + packing 6000 pool clips ~12 min; pretraining cpu-2 at
+    # 55-110 clips/s, 1500 x 32 clips ~8-15 min per objective; a 400-step fine-tune ~4 min; an evaluation ~20 s.
+    "full": Budget(unlabeled=6000, labelled_per_class=(8, 16, 32), main_per_class=16, test_files=200, size="cpu-2",
+                   seeds=(0, 1, 2), pretrain_steps=1500, pretrain_batch=32, finetune_steps=400, finetune_batch=32,
+                   probe_steps=300, probe_batch=32),
 }
 
 
@@ -199,54 +202,6 @@ def labelled_subset(tree: Path, out: Path, per_class: int, seed: int) -> Path:
     return root
 
 
-def baselines(train: Path, val: Path, tests: dict[str, Path], *, clip_seconds: float = 3.0) -> dict[str, dict]:
-    """Two yardsticks without a ViT, scored like the models (file-level, windows averaged, val-tuned thresholds).
-
-    "no information" is what a model that knows nothing reaches: its F1 scores predict all 11 instruments on every
-    file (what thresholds alone can buy), its LRAP is the mean over 100 seeded draws of random scores. "log-mel
-    statistics": a logistic regression per instrument on the mean and standard deviation of each mel bin over
-    a window, the features of the backbones' own frontend.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import label_ranking_average_precision_score
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    frontend = LogMel()
-    window = round(clip_seconds * frontend.config.sample_rate)
-
-    @torch.inference_mode()
-    def files(spec: Path) -> tuple[list[np.ndarray], np.ndarray]:
-        features, targets = [], []
-        for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=frontend.config.sample_rate):
-            log_mel = frontend(cut_windows(sample["audio"], window, window // 2)[0])  # (windows, frames, mels)
-            features.append(torch.cat([log_mel.mean(dim=1), log_mel.std(dim=1)], dim=1).numpy())
-            targets.append(sample["targets"].numpy())
-        return features, np.stack(targets)
-
-    (train_x, train_y), (val_x, val_y) = files(train), files(val)
-    per_window_y = np.concatenate([np.repeat(y[None], len(x), axis=0) for x, y in zip(train_x, train_y)])
-    regression = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=2000)))
-    regression.fit(np.concatenate(train_x), per_window_y)
-
-    def probabilities(features: list[np.ndarray]) -> np.ndarray:
-        return np.stack([regression.predict_proba(x).mean(axis=0) for x in features])
-
-    thresholds = tune_thresholds(probabilities(val_x), val_y)
-    every, regressed = {}, {}
-    for prefix, spec in tests.items():
-        test_x, test_y = files(spec)
-        always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(INSTRUMENTS)), list(INSTRUMENTS))
-        scores = multilabel_metrics(probabilities(test_x), test_y, thresholds, list(INSTRUMENTS))
-        draws = np.random.default_rng(0).random((100, *test_y.shape))
-        chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
-        every |= {prefix + "macro_f1": always["macro_f1"], prefix + "micro_f1": always["micro_f1"],
-                  prefix + "lrap": chance}
-        regressed |= {prefix + key: scores[key] for key in HEADLINE}
-    return {"no information": every, "log-mel statistics + logistic regression": regressed}
-
-
 def machine(env: dict[str, str]) -> dict:
     """What the numbers were measured on; OMP_NUM_THREADS as the steps saw it (unset: torch uses every core)."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -264,9 +219,9 @@ def machine(env: dict[str, str]) -> dict:
 def run_bench(args: argparse.Namespace) -> dict:
     preset = BUDGETS[args.budget]
     budget = dataclasses.replace(preset, **{name: value for name, value in (
-        ("labelled_per_class", tuple(sorted(set(args.labelled_per_class))) if args.labelled_per_class else None),
         ("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
-        ("probe_steps", args.probe_steps)) if value is not None})
+        ("probe_steps", args.probe_steps), ("seeds", tuple(args.seeds) if args.seeds else None),
+        ("unlabeled", args.unlabeled)) if value is not None})
     objectives = args.objectives
     for objective in objectives:
         if objective not in OBJECTIVES:
@@ -274,41 +229,33 @@ def run_bench(args: argparse.Namespace) -> dict:
     out, env, runner = stages(args)
     started = time.perf_counter()
     data, shards = out / "data", out / "shards"
-    main_n = budget.labelled_per_class[-1]
-    seed = args.seed
+    main_n, largest, seed = budget.main_per_class, max(budget.labelled_per_class), args.seed
 
-    # 1-2. Data: train-side pool and labelled set with one SoundFont, test set with another SoundFont and seed.
+    # 1-2. Data: labelled clips with one SoundFont, the unlabeled pool with several, the test with none of them.
     train_font, test_font = Path(args.train_soundfont).resolve(), Path(args.test_soundfont).resolve()
-    if train_font == test_font:
-        raise UserError(f"--test-soundfont: {test_font} is also the training SoundFont; the test set needs another")
-    train_tree, test_tree = data / "train-font", data / "test-font"
-    runner.run("synth-train", python("-m", "shards", "synth", train_tree, "--train-per-class", main_n,
-                                     "--test-files", 0, "--unlabeled", budget.unlabeled, "--seed", seed,
+    pool_fonts = [Path(font).resolve() for font in args.pool_soundfonts]
+    if test_font == train_font or test_font in pool_fonts:
+        raise UserError(f"--test-soundfont: {test_font} is also a training or pool SoundFont; the test needs another")
+    train_tree, pool_tree, test_tree = data / "train-font", data / "pool", data / "test-font"
+    runner.run("synth-train", python("-m", "shards", "synth", train_tree, "--train-per-class", largest,
+                                     "--test-files", 0, "--unlabeled", 0, "--seed", seed,
                                      "--soundfont", train_font, "--quiet"),
                output=train_tree, done=train_tree / "synth.json", files=(train_font,))
+    runner.run("synth-pool", python("-m", "shards", "synth", pool_tree, "--train-per-class", 0, "--test-files", 0,
+                                    "--unlabeled", budget.unlabeled, "--seed", seed + 2, "--soundfont", *pool_fonts,
+                                    "--quiet"),
+               output=pool_tree, done=pool_tree / "synth.json", files=tuple(pool_fonts))
     runner.run("synth-test", python("-m", "shards", "synth", test_tree, "--train-per-class", 0,
                                     "--test-files", budget.test_files, "--unlabeled", 0, "--seed", seed + 1,
                                     "--soundfont", test_font, "--quiet"),
                output=test_tree, done=test_tree / "synth.json", files=(test_font,))
-    runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", train_tree / "unlabeled",
+    runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
                                         shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
-               output=shards / "unlabeled", done=shards / "unlabeled" / MANIFEST, after=("synth-train",))
-    pool_seed = seed + 2
-    if args.pool_soundfonts == "both":  # unlabeled music of the test domain, never the test excerpts themselves
-        pool_tree = data / "test-font-pool"
-        runner.run("synth-pool-test-font", python("-m", "shards", "synth", pool_tree, "--train-per-class", 0,
-                                                  "--test-files", 0, "--unlabeled", budget.unlabeled // 2,
-                                                  "--seed", pool_seed, "--soundfont", test_font, "--quiet"),
-                   output=pool_tree, done=pool_tree / "synth.json", files=(test_font,))
-        runner.run("pack-unlabeled-test-font", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
-                                                      shards / "unlabeled-test-font", "--segment-seconds", 3,
-                                                      "--quiet"),
-                   output=shards / "unlabeled-test-font", done=shards / "unlabeled-test-font" / MANIFEST,
-                   after=("synth-pool-test-font",))
+               output=shards / "unlabeled", done=shards / "unlabeled" / MANIFEST, after=("synth-pool",))
     runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
                                    "--quiet"),
                output=shards / "test", done=shards / "test" / MANIFEST, after=("synth-test",))
-    # The same test pieces (same seed) rendered with the training SoundFont: what is lost to the unseen timbres.
+    # The same test pieces (same seed) rendered with the labelled set's SoundFont: what the unseen timbres cost.
     same_tree = data / "test-train-font"
     runner.run("synth-test-train-font", python("-m", "shards", "synth", same_tree, "--train-per-class", 0,
                                                "--test-files", budget.test_files, "--unlabeled", 0,
@@ -320,91 +267,92 @@ def run_bench(args: argparse.Namespace) -> dict:
                after=("synth-test-train-font",))
     labelled: dict[int, Path] = {}
     for n in budget.labelled_per_class:
-        source = train_tree / TRAIN_DIR if n == main_n else labelled_subset(train_tree / TRAIN_DIR,
-                                                                             data / f"labelled-{n}", n, seed)
+        source = train_tree / TRAIN_DIR if n == largest else labelled_subset(train_tree / TRAIN_DIR,
+                                                                              data / f"labelled-{n}", n, seed)
         labelled[n] = shards / f"labelled-{n}"
         runner.run(f"pack-labelled-{n}", python("-m", "shards", "pack", "irmas-train", source, labelled[n],
                                                 "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
                    output=labelled[n], done=labelled[n] / MANIFEST, after=("synth-train",))
     tests = {"": shards / "test" / "test", "same_font_": shards / "test-train-font" / "test"}
+    packed = {"": "pack-test", "same_font_": "pack-test-train-font"}  # the stage that writes each test set
 
-    # 3. Pretraining: every objective's recipe, the same backbone, data, steps and batch.
+    # 3. Pretraining: every objective's recipe, the same backbone size, data, steps and batch.
     pretrain_data, pretrain_after = [str(shards / "unlabeled" / "train")], ("pack-unlabeled",)
     if args.pretrain_data == "both":
         pretrain_data.append(str(labelled[main_n] / "train"))
         pretrain_after += (f"pack-labelled-{main_n}",)
-    if args.pool_soundfonts == "both":
-        pretrain_data.append(str(shards / "unlabeled-test-font" / "train"))
-        pretrain_after += ("pack-unlabeled-test-font",)
     pretrained: dict[str, dict] = {}
     for objective in objectives:
         run_dir, recipe = out / "pretrain" / objective, RECIPES / "pretrain" / f"{objective}-tiny-synth.yaml"
         runner.run(f"pretrain-{objective}", python(
-            "-m", "pretrain", recipe,
+            "-m", "pretrain", recipe, f"model.size={budget.size}",
             f"data.train={json.dumps(pretrain_data)}", f"train.steps={budget.pretrain_steps}",
             f"train.batch_size={budget.pretrain_batch}", f"train.seed={seed}",
-            f"train.log_every={budget.pretrain_steps}", "train.image_every=0", "tracking=none", "resume=auto",
+            f"train.checkpoint_every={max(1, budget.pretrain_steps // 4)}", "train.image_every=0",
+            f"train.log_every={max(1, budget.pretrain_steps // 20)}", "tracking=tensorboard", "resume=auto",
+            f"probe.train={labelled[main_n] / 'train'}", f"probe.val={labelled[main_n] / 'val'}",
             f"run_name=bench-{objective}", f"output_dir={run_dir}"),
-            output=run_dir, done=run_dir / "backbone" / "config.json", after=pretrain_after, files=(recipe,))
+            output=run_dir, done=run_dir / "backbone" / "config.json",
+            after=(*pretrain_after, f"pack-labelled-{main_n}"), files=(recipe,))
         state = json.loads((run_dir / "trainer_state.json").read_text())
         pretrained[objective] = {"backbone": run_dir / "backbone", "clips_per_s": state["clips_per_s"],
-                                 "steps": state["step"], "seconds": runner.seconds[f"pretrain-{objective}"]}
+                                 "steps": state["step"], "seconds": runner.seconds[f"pretrain-{objective}"],
+                                 "loss_curve": curve_of(run_dir, "loss"),
+                                 "probe_curve": curve_of(run_dir, "val/probe_lrap")}
 
-    # 4-5. Fine-tune / probe each backbone (and scratch) and evaluate on the cross-SoundFont test shards.
-    def finetune(kind: str, name: str, n: int, backbone: Path | None, *, same_font: bool = False) -> dict:
+    # 4-5. Fine-tune / probe each backbone (and scratch) and evaluate on the test shards.
+    def finetune(kind: str, name: str, n: int, run_seed: int, *, same_font: bool = False) -> dict:
         recipe = Path(args.finetune_recipe if kind == "finetune" else args.probe_recipe).resolve()
+        backbone = pretrained[name]["backbone"] if name in pretrained else None
         steps, batch = ((budget.finetune_steps, budget.finetune_batch) if kind == "finetune"
                         else (budget.probe_steps, budget.probe_batch))
-        run_dir = out / kind / f"{name}-{n}"
-        command = python("-m", "finetune", recipe, *([f"backbone={backbone}"] if backbone else []),
+        stage = f"{kind}-{name}-{n}-seed{run_seed}"
+        run_dir = out / kind / stage.removeprefix(f"{kind}-")
+        command = python("-m", "finetune", recipe,
+                         *([f"backbone={backbone}"] if backbone else [f"model.size={budget.size}"]),
                          f"data.train={labelled[n] / 'train'}", f"data.val={labelled[n] / 'val'}",
-                         f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
-                         f"train.log_every={steps}", "tracking=none", "resume=auto", f"run_name=bench-{kind}-{name}",
-                         f"output_dir={run_dir}")
-        runner.run(f"{kind}-{name}-{n}", command, output=run_dir, done=run_dir / "model" / "finetune.json",
+                         f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={run_seed}",
+                         f"train.checkpoint_every={max(1, steps // 4)}", f"train.log_every={max(1, steps // 4)}",
+                         "tracking=none", "resume=auto", f"run_name=bench-{stage}", f"output_dir={run_dir}")
+        runner.run(stage, command, output=run_dir, done=run_dir / "model" / "finetune.json",
                    after=(f"pack-labelled-{n}", *([f"pretrain-{name}"] if backbone else [])), files=(recipe,))
-        scores = {}
-        for prefix, test_data in tests.items() if same_font else [("", tests[""])]:
-            stage = f"evaluate-{prefix.replace('_', '-')}{kind}-{name}-{n}"
-            report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
-            runner.run(stage, python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
-                       output=report_dir, done=report_dir / "report.json",
-                       after=(f"{kind}-{name}-{n}", "pack-test-train-font" if prefix else "pack-test"))
-            report = json.loads((report_dir / "report.json").read_text())
-            scores |= {prefix + key: report[key] for key in HEADLINE}
-        return scores
+        return evaluate(runner, out, stage, run_dir / "model", tests if same_font else {"": tests[""]}, packed,
+                        after=stage)
 
     rows: dict[str, dict] = {}
     for name in ("scratch", *objectives):
-        backbone = pretrained[name]["backbone"] if name in pretrained else None
-        tuned = finetune("finetune", name, main_n, backbone, same_font=True)
-        probe = finetune("probe", name, main_n, backbone)
-        rows[name] = {"probe_macro_f1": probe["macro_f1"], **{key: tuned[key] for key in ROW_SCORES},
-                      "pretrain_clips_per_s": pretrained[name]["clips_per_s"] if name in pretrained else None,
-                      "pretrain_seconds": pretrained[name]["seconds"] if name in pretrained else None}
+        runs = {run_seed: finetune("finetune", name, main_n, run_seed, same_font=True) for run_seed in budget.seeds}
+        probe = finetune("probe", name, main_n, budget.seeds[0])
+        rows[name] = {**spread(runs.values(), ROW_SCORES), "runs": runs,
+                      "probe": {key: probe[key] for key in ("macro_f1", "lrap", "map")},
+                      **({key: pretrained[name][key] for key in ("clips_per_s", "seconds", "steps", "loss_curve", "probe_curve")}
+                         if name in pretrained else {})}
 
-    # Label efficiency: scratch against the best objective (by fine-tuned macro F1 at the main budget).
-    best = max(objectives, key=lambda name: rows[name]["macro_f1"]) if objectives else None
-    curve: dict[str, list[float]] = {}
+    # Label efficiency: scratch against the best objective (by mean fine-tuned macro F1 at the main budget).
+    best = max(objectives, key=lambda name: rows[name]["macro_f1"]["mean"]) if objectives else None
+    curve: dict[str, list[dict]] = {}
     for name in ("scratch", best) if best else ("scratch",):
-        backbone = pretrained[name]["backbone"] if name in pretrained else None
-        curve[name] = [rows[name]["macro_f1"] if n == main_n else finetune("finetune", name, n, backbone)["macro_f1"]
-                       for n in budget.labelled_per_class]
+        curve[name] = [rows[name]["macro_f1"] if n == main_n else spread(
+            [finetune("finetune", name, n, run_seed) for run_seed in budget.seeds], ("macro_f1",))["macro_f1"]
+            for n in budget.labelled_per_class]
 
+    sticks = supervised_yardsticks(labelled[main_n] / "train", labelled[main_n] / "val", tests)
     scratch = rows["scratch"]["macro_f1"]
-    for row in rows.values():
-        row["macro_f1_vs_scratch"] = row["macro_f1"] - scratch
-    top = max(row["macro_f1"] for row in rows.values())
-    margin = rows[best]["macro_f1_vs_scratch"] if best else None
-    targets = {"best_minus_scratch": margin, "best_macro_f1": top,
-               "met": margin is not None and margin >= TARGET_MARGIN and top >= TARGET_MACRO_F1}
+    targets = {"best_objective": best, "best_macro_f1": max(row["macro_f1"]["mean"] for row in rows.values())}
+    if best:
+        gain, noise = rows[best]["macro_f1"]["mean"] - scratch["mean"], 2 * max(rows[best]["macro_f1"]["std"],
+                                                                                  scratch["std"])
+        regression = sticks[REGRESSION]
+        probe_beats = all(rows[best]["probe"][key] > regression[key] for key in ("macro_f1", "lrap"))
+        targets |= {"gain": gain, "two_std": noise, "gain_counts": gain > noise,
+                    "probe_beats_regression": probe_beats,
+                    "met": gain >= TARGET_MARGIN and gain > noise and targets["best_macro_f1"] >= TARGET_MACRO_F1
+                    and probe_beats}
     result = {
         "budget": args.budget, "sizes": dataclasses.asdict(budget), "seed": seed, "test_seed": seed + 1,
-        "objectives": list(objectives), "pretrain_data": args.pretrain_data, "pool_soundfonts": args.pool_soundfonts,
-        "pool_seed": pool_seed,
-        "train_soundfont": str(args.train_soundfont), "test_soundfont": str(args.test_soundfont),
-        "labelled_per_class": main_n, "rows": rows, "best_objective": best, "targets": targets,
-        "baselines": baselines(labelled[main_n] / "train", labelled[main_n] / "val", tests),
+        "pool_seed": seed + 2, "objectives": list(objectives), "pretrain_data": args.pretrain_data,
+        "train_soundfont": str(train_font), "pool_soundfonts": [str(font) for font in pool_fonts],
+        "test_soundfont": str(test_font), "rows": rows, "targets": targets, "yardsticks": sticks,
         "label_efficiency": {"labelled_per_class": list(budget.labelled_per_class), **curve},
         "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (stages done earlier skipped)
         "stages_seconds": round(sum(runner.seconds.values()), 1),  # every stage, as recorded when it ran
@@ -419,10 +367,43 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def spread(runs, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over runs (dicts of scores) of each key."""
+    runs = list(runs)
+    return {key: {"mean": float(np.mean([run[key] for run in runs])), "std": float(np.std([run[key] for run in runs]))}
+            for key in keys}
+
+
+def evaluate(runner: Runner, out: Path, label: str, model: Path, tests: dict[str, Path], packed: dict[str, str], *,
+             after: str) -> dict[str, float]:
+    """`finetune evaluate` of `model` (written by stage `after`) on each test set (prefix -> shards, written by stage
+    packed[prefix]), one stage each (evaluate-<prefix>label); the headline scores with their prefix."""
+    scores = {}
+    for prefix, test_data in tests.items():
+        stage = f"evaluate-{prefix.replace('_', '-')}{label}"
+        report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
+        runner.run(stage, python("-m", "finetune", "evaluate", model, test_data, "--out", report_dir),
+                   output=report_dir, done=report_dir / "report.json", after=(after, packed[prefix]))
+        report = json.loads((report_dir / "report.json").read_text())
+        scores |= {prefix + key: report[key] for key in HEADLINE}
+    return scores
+
+
+def curve_of(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one scalar a pretraining run logged to TensorBoard ("loss", "val/probe_lrap")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted(run_dir.glob("tensorboard/**/events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            points |= {event.step: round(event.value, 5) for event in accumulator.Scalars(tag)}
+    return sorted(points.items())
+
+
 # --- The supervised table ----------------------------------------------------------------------
 
-SF2 = Path("/usr/share/sounds/sf2")
-DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
 SUPERVISED_SIZES = {"tiny": {"per_class": 4, "test_files": 6, "steps": 4}, "full": {"per_class": 400, "test_files": 200}}
 SUPERVISED_SCORES = HEADLINE
 
@@ -445,7 +426,7 @@ def run_supervised(args: argparse.Namespace) -> dict:
     runner.run("pack-train", python("-m", "shards", "pack", "irmas-train", data / "train" / TRAIN_DIR,
                                     shards / "train", "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
                output=shards / "train", done=shards / "train" / MANIFEST, after=("synth-train",))
-    tests = {}
+    tests, packed = {}, {}
     for prefix, fonts in (("", [test_font]), ("same_font_", train_fonts)):  # the same pieces (seed + 1) each time
         name = "test-unseen-font" if not prefix else "test-train-fonts"
         runner.run(f"synth-{name}", python("-m", "shards", "synth", data / name, "--train-per-class", 0,
@@ -455,7 +436,7 @@ def run_supervised(args: argparse.Namespace) -> dict:
         runner.run(f"pack-{name}", python("-m", "shards", "pack", "irmas-test", data / name / TEST_DIR, shards / name,
                                           "--quiet"),
                    output=shards / name, done=shards / name / MANIFEST, after=(f"synth-{name}",))
-        tests[prefix] = shards / name / "test"
+        tests[prefix], packed[prefix] = shards / name / "test", f"pack-{name}"
     runs = {}
     for run_seed in args.seeds:
         run_dir = out / "finetune" / f"scratch-seed{run_seed}"
@@ -464,21 +445,12 @@ def run_supervised(args: argparse.Namespace) -> dict:
             "-m", "finetune", recipe, f"data.train={shards / 'train' / 'train'}", f"data.val={shards / 'train' / 'val'}",
             f"train.seed={run_seed}", *steps, "tracking=none", "resume=auto", f"output_dir={run_dir}"),
             output=run_dir, done=run_dir / "model" / "finetune.json", after=("pack-train",), files=(recipe,))
-        scores = {}
-        for prefix, test_data in tests.items():
-            stage = f"evaluate-{prefix.replace('_', '-')}seed{run_seed}"
-            report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
-            runner.run(stage, python("-m", "finetune", "evaluate", run_dir / "model", test_data, "--out", report_dir),
-                       output=report_dir, done=report_dir / "report.json",
-                       after=(f"finetune-seed{run_seed}", f"pack-{'test-train-fonts' if prefix else 'test-unseen-font'}"))
-            report = json.loads((report_dir / "report.json").read_text())
-            scores |= {prefix + key: report[key] for key in SUPERVISED_SCORES}
+        scores = evaluate(runner, out, f"seed{run_seed}", run_dir / "model", tests, packed,
+                          after=f"finetune-seed{run_seed}")
         state = json.loads((run_dir / "trainer_state.json").read_text())
         runs[run_seed] = {**scores, "steps": state["step"], "clips_per_s": state["clips_per_s"],
                           "seconds": runner.seconds[f"finetune-seed{run_seed}"]}
-    keys = [prefix + key for prefix in tests for key in SUPERVISED_SCORES]
-    scratch = {key: {"mean": float(np.mean([r[key] for r in runs.values()])),
-                     "std": float(np.std([r[key] for r in runs.values()]))} for key in keys}
+    scratch = spread(runs.values(), tuple(prefix + key for prefix in tests for key in SUPERVISED_SCORES))
     sticks = supervised_yardsticks(shards / "train" / "train", shards / "train" / "val", tests)
     regression = sticks[REGRESSION]
     beats = {prefix or "unseen_font_": all(scratch[prefix + key]["mean"] > regression[prefix + key]
@@ -558,15 +530,16 @@ def plot(result: dict, path: Path) -> None:
     curve = result["label_efficiency"]
     figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for name in [key for key in curve if key != "labelled_per_class"]:
-        axes.plot(curve["labelled_per_class"], curve[name], marker="o", label=name if name == "scratch"
-                  else f"pretrained ({name})")
+        axes.errorbar(curve["labelled_per_class"], [point["mean"] for point in curve[name]],
+                      yerr=[point["std"] for point in curve[name]], marker="o", capsize=4,
+                      label=name if name == "scratch" else f"pretrained ({name})")
     axes.set_xticks(curve["labelled_per_class"])
-    axes.set_xlabel("labelled clips per class (train + val)")
-    axes.set_ylabel("macro F1, cross-SoundFont test")
+    axes.set_xlabel("labelled clips per class (train + val), one SoundFont")
+    axes.set_ylabel("macro F1, unseen-SoundFont test")
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
     axes.legend()
-    axes.set_title("Label efficiency")
+    axes.set_title(f"Label efficiency (mean +- std of {len(result['sizes']['seeds'])} seeds)")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -576,57 +549,84 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
     """RESULTS.md (with `notes`, the hand-written record of what was tried) and the label-efficiency plot."""
     plot(result, png)
     sizes, host, targets, out = result["sizes"], result["machine"], result["targets"], result["out"]
+    seeds = ", ".join(map(str, sizes["seeds"]))
 
     def number(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
+    def cell(value: dict | float | None) -> str:  # a number, or {"mean", "std"} over seeds
+        return number(value) if not isinstance(value, dict) else f"{value['mean']:.3f} +- {value['std']:.3f}"
+
     lines = [
-        "# Quality benchmark: does pretraining help?", "",
+        "# Quality benchmark: does pretraining on unlabeled audio pay where labels are few?", "",
         f"Generated by `bench/quality.py --budget {result['budget']}` on {result['date']} "
         f"(its stages took {result['stages_seconds'] / 60:.1f} min on this machine).", "",
-        f"Fine-tuned and probed on {result['labelled_per_class']} labelled clips per class "
-        f"(FluidR3_GM renders, {int(VAL_FRACTION * 100)}% of the songs held out for thresholds), tested on "
-        f"{sizes['test_files']} polyphonic excerpts rendered with a different SoundFont "
-        f"({Path(result['test_soundfont']).name}) and seed.", "",
-        "The same-font columns score the same fine-tuned models on the same test pieces rendered with the training "
-        "SoundFont: the gap between the two is what the unseen timbres cost. The last two rows are yardsticks "
-        "without a ViT (`baselines` in bench/quality.py): *no information* predicts every instrument (F1) or "
-        "ranks at random (LRAP); a score at or below it says the model learned nothing that transfers.", "",
-        "| backbone | probe macro F1 | fine-tune macro F1 | fine-tune micro F1 | LRAP | same-font macro F1 "
-        "| same-font LRAP | pretraining clips/s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Labelled: {sizes['main_per_class']} clips per class (train + val, {int(VAL_FRACTION * 100)}% of the songs "
+        f"held out for validation and thresholds) rendered with one SoundFont ({Path(result['train_soundfont']).name})."
+        f" Unlabeled pool: {sizes['unlabeled']} clips of 3-12 s, each rendered with one of "
+        f"{', '.join(Path(font).name for font in result['pool_soundfonts'])}, cut into 3 s segments. Test: "
+        f"{sizes['test_files']} polyphonic files rendered with {Path(result['test_soundfont']).name}, a font in "
+        "neither set. Backbone size "
+        f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe with seeds {seeds} (mean +- std); the "
+        "probe (a linear head on mean patch tokens of the frozen backbone) runs seed "
+        f"{sizes['seeds'][0]}.", "",
+        "The same-font columns score the same fine-tuned models on the same test pieces rendered with the labelled "
+        "set's font. The yardsticks (`python -m finetune yardsticks`) use no ViT: *no information* predicts every "
+        "instrument (F1) or ranks at random (LRAP, mAP); the regression is one logistic regression per instrument "
+        "on log-mel means and deviations.", "",
+        "| backbone | fine-tune macro F1 | micro F1 | LRAP | mAP | same-font macro F1 | same-font LRAP "
+        "| probe macro F1 | probe LRAP | pretraining clips/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in [*result["rows"].items(), *((f"*{name}*", row) for name, row in result["baselines"].items())]:
-        lines.append(f"| {name} | {number(row.get('probe_macro_f1'))} | "
-                     + " | ".join(number(row.get(key)) for key in ROW_SCORES)
-                     + f" | {number(row.get('pretrain_clips_per_s'), 1)} |")
+    for name, row in result["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(row[key]) for key in ROW_SCORES)
+                     + f" | {number(row['probe']['macro_f1'])} | {number(row['probe']['lrap'])} | "
+                     f"{number(row.get('clips_per_s'), 1)} |")
+    for name, row in result["yardsticks"].items():
+        lines.append(f"| *{name}* | " + " | ".join(number(row.get(key)) for key in ROW_SCORES) + " | - | - | - |")
     curve = result["label_efficiency"]
     lines += ["", f"![label efficiency]({png.name})", "",
-              "| labelled clips per class | " + " | ".join(map(str, curve["labelled_per_class"])) + " |",
+              "| fine-tune macro F1, labelled clips per class | "
+              + " | ".join(map(str, curve["labelled_per_class"])) + " |",
               "|---|" + "---|" * len(curve["labelled_per_class"])]
-    lines += [f"| {name} | " + " | ".join(number(v) for v in values) + " |"
-              for name, values in curve.items() if name != "labelled_per_class"]
-    lines += [
-        "", f"Targets (issue 6): best pretrained - scratch >= {TARGET_MARGIN:.2f} macro F1 "
-        f"(measured {number(targets['best_minus_scratch'])}, {result['best_objective']}); best fine-tuned macro F1 "
-        f">= {TARGET_MACRO_F1:.2f} (measured {number(targets['best_macro_f1'])}): "
-        f"**{'met' if targets['met'] else 'not met'}**. The best fine-tuned macro F1 is "
-        f"{'above' if targets['best_macro_f1'] > result['baselines']['no information']['macro_f1'] else 'not above'} "
-        f"the no-information yardstick ({number(result['baselines']['no information']['macro_f1'])}).", "",
-        "GPU: not measured by this benchmark (it runs on CPU); bf16 clips/s of MAE pretraining of the base backbone "
-        "needs a session that is lent a GPU.",
-    ]
+    lines += [f"| {name} | " + " | ".join(cell(point) for point in points) + " |"
+              for name, points in curve.items() if name != "labelled_per_class"]
+    best = targets["best_objective"]
+    lines += ["", "## Targets", ""]
+    if best:
+        lines += [
+            f"- Best objective `{best}` - scratch: {targets['gain']:+.3f} macro F1 (target >= {TARGET_MARGIN:.2f}); "
+            f"2 std of the noisier of the two: {targets['two_std']:.3f}, so the gain "
+            f"**{'counts' if targets['gain_counts'] else 'does not count'}**.",
+            f"- Best fine-tuned macro F1: {targets['best_macro_f1']:.3f} (target >= {TARGET_MACRO_F1:.2f}).",
+            f"- Probe of `{best}` above the log-mel regression on macro F1 and LRAP: "
+            f"**{'yes' if targets['probe_beats_regression'] else 'no'}**.",
+            f"- All targets: **{'met' if targets['met'] else 'not met'}**.",
+        ]
+    else:
+        lines += ["- No objective was run (`--objectives` empty): scratch only."]
+    lines += ["", "GPU: not measured by this benchmark (it runs on CPU).", "", "## Pretraining", "",
+              "How each objective's run went: its loss at a quarter, half, three quarters and the end of the run, and the "
+              "frozen-feature probe (`pretrain.probe`: a logistic regression on mean patch tokens, fit on the labelled "
+              "training split, LRAP on its validation clips) at every checkpoint.", "",
+              "| objective | steps | minutes | loss at 1/4, 1/2, 3/4, end | probe LRAP (step: value) |",
+              "|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        if "loss_curve" in row:
+            losses = [loss for _, loss in row["loss_curve"]]
+            marks = [losses[min(len(losses) - 1, round(q * len(losses)) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] \
+                if losses else []
+            lines.append(f"| {name} | {row['steps']} | {row['seconds'] / 60:.1f} | "
+                         + ", ".join(f"{loss:.4f}" for loss in marks) + " | "
+                         + ", ".join(f"{step}: {value:.3f}" for step, value in row["probe_curve"]) + " |")
     lines += [
         "", "## Setup", "",
-        f"- Seeds: training data and all training runs {result['seed']}, test data {result['test_seed']}.",
-        f"- Data: {sizes['unlabeled']} unlabeled clips (3-12 s) for pretraining"
-        + (f" plus {sizes['unlabeled'] // 2} rendered with the test SoundFont (seed {result['pool_seed']}; other "
-           "music than the test excerpts)" if result["pool_soundfonts"] == "both" else "")
-        + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
-        + f"; train SoundFont `{result['train_soundfont']}`, test SoundFont `{result['test_soundfont']}`.",
+        f"- Seeds: data {result['seed']} (labelled), {result['pool_seed']} (pool), {result['test_seed']} (test); "
+        f"pretraining {result['seed']}; fine-tuning {seeds}.",
         f"- Pretraining: {sizes['pretrain_steps']} steps x {sizes['pretrain_batch']} clips per objective "
-        "(recipes/pretrain/<objective>-tiny-synth.yaml); fine-tuning: "
-        f"{sizes['finetune_steps']} x {sizes['finetune_batch']}; probe: {sizes['probe_steps']} x "
+        "(recipes/pretrain/<objective>-tiny-synth.yaml with the size above) on the pool"
+        + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
+        + f"; fine-tuning: {sizes['finetune_steps']} x {sizes['finetune_batch']}; probe: {sizes['probe_steps']} x "
         f"{sizes['probe_batch']}.",
         f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} "
         f"(OMP_NUM_THREADS={host['omp_num_threads'] or 'unset'}), Python {host['python']}, {host['platform']}.",
@@ -648,33 +648,31 @@ def main() -> int:
     parser.add_argument("--table", choices=("pretraining", "supervised"), default="pretraining",
                         help="pretraining (default): scratch vs each objective; supervised: the shipped CPU recipe "
                         "from scratch over several seeds against the yardsticks, unseen-font and same-font")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="supervised table: run seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="fine-tuning seeds (default: the budget's; supervised table 0 1 2)")
     parser.add_argument("--train-soundfonts", nargs="+", default=[str(f) for f in DEMO_TRAIN_FONTS],
                         help="supervised table: training fonts (default: the demo's three)")
     parser.add_argument("--out", default=None, help="working folder (default bench/out/quality or "
                         "bench/out/quality-supervised)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
-                        help="tiny: minutes, checks the pipeline; full (default): the benchmark, < 90 min on 2 cores")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training data and runs; test data uses +1")
+                        help="tiny: minutes, checks the pipeline; full (default): the benchmark")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the labelled data and pretraining; the test data uses +1, the pool +2")
     parser.add_argument("--objectives", type=lambda text: [o for o in text.split(",") if o],
                         default=list(OBJECTIVES), help=f"comma-separated (default {','.join(OBJECTIVES)})")
-    parser.add_argument("--labelled-per-class", type=int, nargs="+", default=None, metavar="N",
-                        help="label-efficiency points; the largest is the table's budget (default: the preset's)")
+    parser.add_argument("--unlabeled", type=int, help="override the preset's pool size (clips)")
     parser.add_argument("--pretrain-steps", type=int, help="override the preset's pretraining steps")
     parser.add_argument("--finetune-steps", type=int, help="override the preset's fine-tuning steps")
     parser.add_argument("--probe-steps", type=int, help="override the preset's linear-probe steps")
     parser.add_argument("--pretrain-data", choices=("both", "unlabeled"), default="both",
                         help="pretrain on the unlabeled pool plus the labelled training split (default, as the "
                         "recipes do; the metric objective uses its labels) or on the pool only")
-    parser.add_argument("--pool-soundfonts", choices=("train", "both"), default="train",
-                        help="train (default): the unlabeled pool uses only the training SoundFont, so the test "
-                        "timbres are never heard; both: add half as much unlabeled music rendered with the test "
-                        "SoundFont (other pieces and seed than the test set), as when users pretrain on their own "
-                        "collection")
-    parser.add_argument("--finetune-recipe", default=None, help="default recipes/finetune/fluffy-tiny-synth.yaml "
-                        "(supervised table: recipes/finetune/cpu-synth.yaml)")
+    parser.add_argument("--pool-soundfonts", nargs="+", default=[str(f) for f in DEMO_TRAIN_FONTS],
+                        help="the unlabeled pool's fonts, one drawn per clip (default: the demo's three training fonts)")
+    parser.add_argument("--finetune-recipe", default=str(RECIPES / "finetune" / "cpu-synth.yaml"),
+                        help="every fine-tune's recipe (default recipes/finetune/cpu-synth.yaml)")
     parser.add_argument("--probe-recipe", default=str(RECIPES / "finetune" / "probe.yaml"))
-    parser.add_argument("--train-soundfont", default=str(FLUIDR3), help=f"default {FLUIDR3}")
+    parser.add_argument("--train-soundfont", default=str(FLUIDR3), help=f"the labelled set's font (default {FLUIDR3})")
     parser.add_argument("--test-soundfont", default=str(bundled_soundfont()),
                         help="default TimGM6mb.sf2 from pretty_midi's package")
     parser.add_argument("--threads", type=int, default=None,
@@ -685,19 +683,17 @@ def main() -> int:
     args = parser.parse_args()
     supervised = args.table == "supervised"
     args.out = args.out or f"bench/out/quality{'-supervised' if supervised else ''}"
-    args.finetune_recipe = args.finetune_recipe or str(RECIPES / "finetune" / (
-        "cpu-synth.yaml" if supervised else "fluffy-tiny-synth.yaml"))
     for option in ("finetune_recipe", "probe_recipe", "train_soundfont", "test_soundfont", "notes"):
         value = getattr(args, option)
         if value is not None and not Path(value).is_file():
             raise UserError(f"{value}: not found; pass an existing file as --{option.replace('_', '-')}")
-    if any(n <= 0 for n in args.labelled_per_class or []):
-        raise UserError("--labelled-per-class: counts must be positive")
+    fonts, option = (args.train_soundfonts, "--train-soundfonts") if supervised else (args.pool_soundfonts,
+                                                                                      "--pool-soundfonts")
+    for font in fonts:
+        if not Path(font).is_file():
+            raise UserError(f"{font}: not found; install the demo's fonts (make system-deps) or pass {option}")
     if supervised:
-        for font in args.train_soundfonts:
-            if not Path(font).is_file():
-                raise UserError(f"{font}: not found; install the demo's fonts (make system-deps) or pass "
-                                "--train-soundfonts")
+        args.seeds = args.seeds or [0, 1, 2]
     result = run_supervised(args) if supervised else run_bench(args)
     print(json.dumps(result, indent=1, default=str))
     return 0
