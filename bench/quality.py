@@ -58,7 +58,9 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError, run_cli
+from core.recipe import load_recipe
 from finetune.metrics import HEADLINE
+from finetune.train import FinetuneRecipe
 from finetune.yardsticks import REGRESSION, yardsticks
 from shards.format import MANIFEST
 from shards.sources import TRAIN_DIR, scan
@@ -336,7 +338,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             [finetune("finetune", name, n, run_seed) for run_seed in budget.seeds], ("macro_f1",))["macro_f1"]
             for n in budget.labelled_per_class]
 
-    sticks = supervised_yardsticks(labelled[main_n] / "train", labelled[main_n] / "val", tests)
+    sticks = supervised_yardsticks(labelled[main_n] / "train", labelled[main_n] / "val", tests,
+                                   Path(args.finetune_recipe).resolve())
     scratch = rows["scratch"]["macro_f1"]
     targets = {"best_objective": best, "best_macro_f1": max(row["macro_f1"]["mean"] for row in rows.values())}
     if best:
@@ -404,7 +407,7 @@ def curve_of(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 # --- The supervised table ----------------------------------------------------------------------
 
-SUPERVISED_SIZES = {"tiny": {"per_class": 4, "test_files": 6, "steps": 4}, "full": {"per_class": 400, "test_files": 200}}
+SUPERVISED_SIZES = {"tiny": {"per_class": 4, "test_files": 6, "steps": 4}, "full": {"per_class": 1000, "test_files": 200}}
 SUPERVISED_SCORES = HEADLINE
 
 
@@ -451,7 +454,7 @@ def run_supervised(args: argparse.Namespace) -> dict:
         runs[run_seed] = {**scores, "steps": state["step"], "clips_per_s": state["clips_per_s"],
                           "seconds": runner.seconds[f"finetune-seed{run_seed}"]}
     scratch = spread(runs.values(), tuple(prefix + key for prefix in tests for key in SUPERVISED_SCORES))
-    sticks = supervised_yardsticks(shards / "train" / "train", shards / "train" / "val", tests)
+    sticks = supervised_yardsticks(shards / "train" / "train", shards / "train" / "val", tests, recipe)
     regression = sticks[REGRESSION]
     beats = {prefix or "unseen_font_": all(scratch[prefix + key]["mean"] > regression[prefix + key]
                                            for key in ("macro_f1", "lrap")) for prefix in tests}
@@ -471,11 +474,13 @@ def run_supervised(args: argparse.Namespace) -> dict:
     return result
 
 
-def supervised_yardsticks(train: Path, val: Path, tests: dict[str, Path]) -> dict[str, dict]:
-    """The two yardsticks of `finetune yardsticks` (thresholds on validation mixtures, like the model's)."""
+def supervised_yardsticks(train: Path, val: Path, tests: dict[str, Path], recipe: Path) -> dict[str, dict]:
+    """The two yardsticks of `finetune yardsticks` (thresholds on validation mixtures and windows aggregated per file
+    as the fine-tuning `recipe`'s models do)."""
+    aggregate = load_recipe(recipe, [], FinetuneRecipe).eval.aggregate
     rows: dict[str, dict] = {}
     for prefix, test in tests.items():
-        for name, scores in yardsticks(str(train), str(val), str(test)).items():
+        for name, scores in yardsticks(str(train), str(val), str(test), aggregate=aggregate).items():
             rows.setdefault(name, {}).update({prefix + key: scores[key] for key in SUPERVISED_SCORES})
     return rows
 

@@ -45,9 +45,14 @@ class FileResult:
 
     def aggregate(self, how: str = "mean") -> np.ndarray:
         """(classes,) file-level probabilities."""
-        if how not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {how!r}")
-        return self.probabilities.mean(axis=0) if how == "mean" else self.probabilities.max(axis=0)
+        return aggregate_windows(self.probabilities, how)
+
+
+def aggregate_windows(probabilities: np.ndarray, how: str) -> np.ndarray:
+    """(windows, classes) -> (classes,): the mean or the max over windows."""
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got {how!r}")
+    return probabilities.mean(axis=0) if how == "mean" else probabilities.max(axis=0)
 
 
 @torch.inference_mode()

@@ -3,13 +3,14 @@
 - *no information*: what a model that knows nothing reaches. Its F1 scores predict all 11 instruments on every file
   (what thresholds alone can buy); its LRAP is the mean over 100 seeded draws of random scores.
 - *log-mel statistics + logistic regression*: one logistic regression per instrument on the mean and standard
-  deviation of each mel bin over a window (the backbones' own frontend), windows averaged per file, thresholds tuned
-  on the same validation mixtures as the models' (`shards.loader.validation_mixtures`).
+  deviation of each mel bin over a window (the backbones' own frontend), window probabilities aggregated per file as
+  the model's are (mean or max), thresholds tuned on the same validation mixtures as the models'
+  (`shards.loader.validation_mixtures`).
 
     python -m finetune yardsticks TRAIN_SHARDS VAL_SHARDS TEST_SHARDS [--report REPORT.json] [--out yardsticks.json]
 
 With `--report` (the report.json of `python -m finetune evaluate` on the same test data) the model's scores are
-printed first, in the same table.
+printed first, in the same table, and the regression aggregates windows as that report did (`--aggregate` overrides).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from core.errors import ArgumentParser, UserError, output_file, positive_float
+from finetune.inference import AGGREGATES, aggregate_windows
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
@@ -49,7 +51,7 @@ def _samples(spec: str | Path, sample_rate: int) -> list[dict]:
 
 
 def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_seconds: float = 3.0,
-               seed: int = 0) -> dict[str, dict[str, float]]:
+               aggregate: str = "mean", seed: int = 0) -> dict[str, dict[str, float]]:
     """{yardstick: {metric: value}} on the test data, for the two yardsticks of the module docstring."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import label_ranking_average_precision_score
@@ -71,7 +73,7 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
     regression.fit(np.concatenate(train_x), per_window_y)
 
     def probabilities(features: list[np.ndarray]) -> np.ndarray:
-        return np.stack([regression.predict_proba(x).mean(axis=0) for x in features])
+        return np.stack([aggregate_windows(regression.predict_proba(x), aggregate) for x in features])
 
     labels = list(INSTRUMENTS)
     thresholds = tune_thresholds(probabilities(val_x), val_y)
@@ -92,18 +94,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("test", help="test shards (e.g. demo/shards/irmas-test/test)")
     parser.add_argument("--clip-seconds", type=positive_float, default=3.0, help="window length (default 3.0)")
     parser.add_argument("--report", default=None, help="report.json of `finetune evaluate` on TEST, shown first")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=None,
+                        help="window -> file for the regression (default: the --report's, else mean)")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    rows = {}
+    rows, aggregate = {}, args.aggregate
     if args.report:
         try:
             report = json.loads(Path(args.report).read_text())
             rows["model (" + str(report.get("model", args.report)) + ")"] = {key: report[key] for key in HEADLINE}
+            aggregate = aggregate or report["aggregate"]
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"--report {args.report}: not a report.json of `python -m finetune evaluate` ({error}); "
                             "pass <out>/report.json of an evaluate run") from None
     out = output_file(args.out) if args.out else None
-    scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds)
+    scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds, aggregate=aggregate or "mean")
     if out:
         out.write_text(json.dumps(scores, indent=1) + "\n")
     rows |= scores

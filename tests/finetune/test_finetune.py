@@ -325,7 +325,7 @@ def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, t
     assert model.classifier.adapters is not None and not (tmp_path / "run" / "model" / "config.json").exists()
 
 
-def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp_path, run_module):
+def test_yardsticks_score_the_regression_above_no_information(data, trained, write_shard, tmp_path, run_module):
     from finetune.evaluate import evaluate
     from finetune.yardsticks import NO_INFORMATION, REGRESSION, yardsticks
 
@@ -341,3 +341,18 @@ def test_yardsticks_score_the_regression_above_no_information(data, trained, tmp
     lines = result.stdout.strip().splitlines()
     assert lines[1].startswith("model (") and lines[2].startswith(NO_INFORMATION) and lines[3].startswith(REGRESSION)
     assert json.loads((tmp_path / "y.json").read_text())[REGRESSION]["lrap"] == pytest.approx(scores[REGRESSION]["lrap"])
+
+    # the regression aggregates windows as the model's report did: max here, which finds tones that fill one window
+    brief = clips(tmp_path / "brief", [(code,) for code in INSTRUMENTS], seed=2000)
+    for sample in brief:
+        sample["audio"][round(0.8 * RATE):] *= 0.01
+    brief = write_shard(tmp_path / "brief", brief)
+    meaned, maxed = (yardsticks(data["train"], data["val"], brief, clip_seconds=CLIP, aggregate=how)[REGRESSION]
+                     for how in ("mean", "max"))
+    assert maxed != pytest.approx(meaned)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    (tmp_path / "max.json").write_text(json.dumps({**report, "aggregate": "max"}))
+    result = run_module("finetune", "yardsticks", str(data["train"]), str(data["val"]), str(brief),
+                        "--clip-seconds", str(CLIP), "--report", str(tmp_path / "max.json"), "--out", str(tmp_path / "y.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "y.json").read_text())[REGRESSION] == pytest.approx(maxed)
