@@ -41,7 +41,7 @@ def load_clips(spec: list[str] | str, *, sample_rate: int, max_clips: int) -> tu
     """Waveforms (samples,) and multi-hot targets (clips, instruments) of the first `max_clips` labelled clips."""
     audio, targets = [], []
     for sample in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate):
-        if sample["targets"].sum() == 0:
+        if not sample["labelled"]:
             continue
         audio.append(sample["audio"])
         targets.append(sample["targets"].numpy())

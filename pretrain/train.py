@@ -65,7 +65,8 @@ def backbone_config(recipe: PretrainRecipe, *, source: str | Path) -> BackboneCo
 def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretrainer, dict]:
     """Pretrain as the recipe says; returns the trained module and the trainer's final state."""
     if not recipe.objectives.enabled():
-        raise UserError(f"{source}: no objective enabled; set objectives.mae.weight (or teacher/electra/metric) above 0")
+        raise UserError(f"{source}: no objective enabled; set objectives.{OBJECTIVES[0]}.weight (or "
+                        f"{'/'.join(OBJECTIVES[1:])}) above 0")
     if recipe.tracking not in TRACKERS:
         raise UserError(f"{source}: tracking: unknown tracker {recipe.tracking!r}; use one of {', '.join(TRACKERS)}")
     data = recipe.data

@@ -87,7 +87,6 @@ def test_print_recipe_shows_the_effective_recipe_and_it_loads_back(command, reci
                                                                                      "data.clip_seconds=2.5"], cls)
 
 
-
 FINETUNE_RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "finetune").glob("*.yaml"))
 
 
