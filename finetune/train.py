@@ -46,6 +46,12 @@ class AugmentConfig(WaveAugmentConfig):
     time_mask: int = 48
     num_freq_masks: int = 2
     num_time_masks: int = 2
+    patchout: float = 0.0  # fraction of patch tokens dropped at random in each training clip (PaSST); 0 keeps all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.patchout < 1:
+            raise ValueError(f"patchout is the fraction of patches dropped, in [0, 1); got {self.patchout}")
 
 
 ThresholdSource = Literal["mixtures", "clips"]
@@ -110,7 +116,7 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
                                num_time_masks=augment.num_time_masks) if augment.spec_augment else None
     try:
         return Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
-                          spec_augment=spec_augment)
+                          spec_augment=spec_augment, patchout=augment.patchout)
     except ValueError as error:
         raise UserError(f"{source}: head: {error}") from None
 

@@ -80,6 +80,7 @@ CASES = {
     "fluffy-parallel-adapter-focal": dict(head__kind="fluffy", adapt__mode="adapter", adapt__adapter_style="parallel",
                                           loss__kind="focal", loss__label_smoothing=0.1),
     "linear-lora": dict(head__kind="linear", adapt__mode="lora"),
+    "linear-mean-full-patchout": dict(head__kind="linear", head__pooling="mean", augment__patchout=0.5),
 }
 
 
@@ -137,6 +138,27 @@ def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
     exportable = recipe.head.kind == "linear" and recipe.head.pooling == "cls" and mode != "adapter"
     assert (tmp_path / "model" / "config.json").is_file() == exportable
+
+
+def test_patchout_drops_patches_while_training_only(data, backbone_dir):
+    classifier = build_classifier(recipe_for(backbone_dir, data, augment__patchout=0.75))
+    tokens = []
+    classifier.backbone.blocks[0].register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0].shape[1]))
+    audio = torch.from_numpy(np.stack([chord(("pia",), seconds=CLIP, seed=seed) for seed in range(2)]))
+    classifier.train()(audio)
+    classifier.eval()(audio)
+    grid_f, grid_t = classifier.backbone.grid(classifier.frontend.num_frames(audio.shape[1]))
+    patches = grid_f * grid_t
+    assert tokens == [2 + patches - round(0.75 * patches), 2 + patches]  # cls + distillation + the kept patches
+
+
+def test_patchout_out_of_range_is_a_one_line_recipe_error(backbone_dir, data, run_module, tmp_path):
+    result = run_module("finetune", "recipes/finetune/cpu-synth.yaml", f"data.train={data['train']}",
+                        f"data.val={data['val']}", f"output_dir={tmp_path}", "augment.patchout=1")
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("error: recipes/finetune/cpu-synth.yaml: augment: patchout is the fraction of "
+                                     "patches dropped, in [0, 1); got 1.0")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
