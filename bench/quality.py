@@ -32,7 +32,9 @@ naming the stage. Delete OUT after changing the toolkit's code: the keys do not 
 training SoundFonts, against the log-mel regression and no-information yardsticks, on test pieces rendered with
 an unseen SoundFont and with the training fonts:
 
-    python bench/quality.py --table supervised --write-results   # ~45 min on 2 cores: bench/RESULTS-supervised.md
+    python bench/quality.py --table supervised --write-results   # bench/RESULTS-supervised.md, ~50 min on 2 cores
+
+(three seeds by default; `--seeds 0 1` took 36 minutes).
 """
 
 from __future__ import annotations
@@ -218,6 +220,24 @@ def machine(env: dict[str, str]) -> dict:
 # --- The benchmark -----------------------------------------------------------------------------
 
 
+def test_sets(runner: Runner, data: Path, shards: Path, *, fonts: dict[str, list[Path]], files: int, seed: int
+              ) -> tuple[dict[str, Path], dict[str, str]]:
+    """The same `files` polyphonic test pieces (`seed`) rendered and packed once per score prefix ("" for the unseen
+    font, "same_font_" for the training fonts): (prefix -> test shards, prefix -> the stage that writes them)."""
+    tests, packed = {}, {}
+    for prefix, prefix_fonts in fonts.items():
+        name = "test-train-fonts" if prefix else "test-unseen-font"
+        runner.run(f"synth-{name}", python("-m", "shards", "synth", data / name, "--train-per-class", 0,
+                                           "--test-files", files, "--unlabeled", 0, "--seed", seed,
+                                           "--soundfont", *prefix_fonts, "--quiet"),
+                   output=data / name, done=data / name / "synth.json", files=tuple(prefix_fonts))
+        runner.run(f"pack-{name}", python("-m", "shards", "pack", "irmas-test", data / name / TEST_DIR, shards / name,
+                                          "--quiet"),
+                   output=shards / name, done=shards / name / MANIFEST, after=(f"synth-{name}",))
+        tests[prefix], packed[prefix] = shards / name / "test", f"pack-{name}"
+    return tests, packed
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     preset = BUDGETS[args.budget]
     budget = dataclasses.replace(preset, **{name: value for name, value in (
@@ -238,7 +258,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     pool_fonts = [Path(font).resolve() for font in args.pool_soundfonts]
     if test_font == train_font or test_font in pool_fonts:
         raise UserError(f"--test-soundfont: {test_font} is also a training or pool SoundFont; the test needs another")
-    train_tree, pool_tree, test_tree = data / "train-font", data / "pool", data / "test-font"
+    train_tree, pool_tree = data / "train-font", data / "pool"
     runner.run("synth-train", python("-m", "shards", "synth", train_tree, "--train-per-class", largest,
                                      "--test-files", 0, "--unlabeled", 0, "--seed", seed,
                                      "--soundfont", train_font, "--quiet"),
@@ -247,26 +267,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                                     "--unlabeled", budget.unlabeled, "--seed", seed + 2, "--soundfont", *pool_fonts,
                                     "--quiet"),
                output=pool_tree, done=pool_tree / "synth.json", files=tuple(pool_fonts))
-    runner.run("synth-test", python("-m", "shards", "synth", test_tree, "--train-per-class", 0,
-                                    "--test-files", budget.test_files, "--unlabeled", 0, "--seed", seed + 1,
-                                    "--soundfont", test_font, "--quiet"),
-               output=test_tree, done=test_tree / "synth.json", files=(test_font,))
     runner.run("pack-unlabeled", python("-m", "shards", "pack", "folder", pool_tree / "unlabeled",
                                         shards / "unlabeled", "--segment-seconds", 3, "--quiet"),
                output=shards / "unlabeled", done=shards / "unlabeled" / MANIFEST, after=("synth-pool",))
-    runner.run("pack-test", python("-m", "shards", "pack", "irmas-test", test_tree / TEST_DIR, shards / "test",
-                                   "--quiet"),
-               output=shards / "test", done=shards / "test" / MANIFEST, after=("synth-test",))
-    # The same test pieces (same seed) rendered with the labelled set's SoundFont: what the unseen timbres cost.
-    same_tree = data / "test-train-font"
-    runner.run("synth-test-train-font", python("-m", "shards", "synth", same_tree, "--train-per-class", 0,
-                                               "--test-files", budget.test_files, "--unlabeled", 0,
-                                               "--seed", seed + 1, "--soundfont", train_font, "--quiet"),
-               output=same_tree, done=same_tree / "synth.json", files=(train_font,))
-    runner.run("pack-test-train-font", python("-m", "shards", "pack", "irmas-test", same_tree / TEST_DIR,
-                                              shards / "test-train-font", "--quiet"),
-               output=shards / "test-train-font", done=shards / "test-train-font" / MANIFEST,
-               after=("synth-test-train-font",))
     labelled: dict[int, Path] = {}
     for n in budget.labelled_per_class:
         source = train_tree / TRAIN_DIR if n == largest else labelled_subset(train_tree / TRAIN_DIR,
@@ -275,8 +278,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         runner.run(f"pack-labelled-{n}", python("-m", "shards", "pack", "irmas-train", source, labelled[n],
                                                 "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
                    output=labelled[n], done=labelled[n] / MANIFEST, after=("synth-train",))
-    tests = {"": shards / "test" / "test", "same_font_": shards / "test-train-font" / "test"}
-    packed = {"": "pack-test", "same_font_": "pack-test-train-font"}  # the stage that writes each test set
+    # The same test pieces rendered with the labelled set's SoundFont too: what the unseen timbres cost.
+    tests, packed = test_sets(runner, data, shards, fonts={"": [test_font], "same_font_": [train_font]},
+                              files=budget.test_files, seed=seed + 1)
 
     # 3. Pretraining: every objective's recipe, the same backbone size, data, steps and batch.
     pretrain_data, pretrain_after = [str(shards / "unlabeled" / "train")], ("pack-unlabeled",)
@@ -429,17 +433,8 @@ def run_supervised(args: argparse.Namespace) -> dict:
     runner.run("pack-train", python("-m", "shards", "pack", "irmas-train", data / "train" / TRAIN_DIR,
                                     shards / "train", "--val-fraction", VAL_FRACTION, "--seed", seed, "--quiet"),
                output=shards / "train", done=shards / "train" / MANIFEST, after=("synth-train",))
-    tests, packed = {}, {}
-    for prefix, fonts in (("", [test_font]), ("same_font_", train_fonts)):  # the same pieces (seed + 1) each time
-        name = "test-unseen-font" if not prefix else "test-train-fonts"
-        runner.run(f"synth-{name}", python("-m", "shards", "synth", data / name, "--train-per-class", 0,
-                                           "--test-files", sizes["test_files"], "--unlabeled", 0, "--seed", seed + 1,
-                                           "--soundfont", *fonts, "--quiet"),
-                   output=data / name, done=data / name / "synth.json", files=tuple(fonts))
-        runner.run(f"pack-{name}", python("-m", "shards", "pack", "irmas-test", data / name / TEST_DIR, shards / name,
-                                          "--quiet"),
-                   output=shards / name, done=shards / name / MANIFEST, after=(f"synth-{name}",))
-        tests[prefix], packed[prefix] = shards / name / "test", f"pack-{name}"
+    tests, packed = test_sets(runner, data, shards, fonts={"": [test_font], "same_font_": train_fonts},
+                              files=sizes["test_files"], seed=seed + 1)
     runs = {}
     for run_seed in args.seeds:
         run_dir = out / "finetune" / f"scratch-seed{run_seed}"
