@@ -152,7 +152,7 @@ def test_patchout_drops_patches_while_training_only(data, backbone_dir):
     assert tokens == [2 + patches - round(0.75 * patches), 2 + patches]  # cls + distillation + the kept patches
 
 
-def test_patchout_out_of_range_is_a_one_line_recipe_error(backbone_dir, data, run_module, tmp_path):
+def test_patchout_out_of_range_is_a_one_line_recipe_error(data, run_module, tmp_path):
     result = run_module("finetune", "recipes/finetune/cpu-synth.yaml", f"data.train={data['train']}",
                         f"data.val={data['val']}", f"output_dir={tmp_path}", "augment.patchout=1")
     assert result.returncode != 0
