@@ -375,10 +375,11 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def spread(runs, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation over runs (dicts of scores) of each key."""
+    """Mean and sample standard deviation (ddof 1; 0 for a single run) over runs (dicts of scores) of each key."""
     runs = list(runs)
-    return {key: {"mean": float(np.mean([run[key] for run in runs])), "std": float(np.std([run[key] for run in runs]))}
-            for key in keys}
+    ddof = 1 if len(runs) > 1 else 0
+    return {key: {"mean": float(np.mean([run[key] for run in runs])),
+                  "std": float(np.std([run[key] for run in runs], ddof=ddof))} for key in keys}
 
 
 def evaluate(runner: Runner, out: Path, label: str, model: Path, tests: dict[str, Path], packed: dict[str, str], *,
@@ -567,7 +568,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"{', '.join(Path(font).name for font in result['pool_soundfonts'])}, cut into 3 s segments. Test: "
         f"{sizes['test_files']} polyphonic files rendered with {Path(result['test_soundfont']).name}, a font in "
         "neither set. Backbone size "
-        f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe with seeds {seeds} (mean +- std); the "
+        f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe with seeds {seeds} (mean +- sample std); the "
         "probe (a linear head on mean patch tokens of the frozen backbone) runs seed "
         f"{sizes['seeds'][0]}.", "",
         "The same-font columns score the same fine-tuned models on the same test pieces rendered with the labelled "
