@@ -93,9 +93,13 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
     frontend = FrontendConfig(sample_rate=data.sample_rate)
     frames = frontend.num_frames(round(data.clip_seconds * data.sample_rate))
     if recipe.backbone:
-        if dataclasses.replace(recipe.model, size=ModelConfig.size) != ModelConfig():  # model.size: scratch only
-            raise UserError(f"{source}: model: overrides shape a backbone trained from scratch, but backbone="
-                            f"{recipe.backbone} is given; drop one of the two")
+        shaped = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)  # model.size: scratch only
+                  if f.name != "size" and getattr(recipe.model, f.name) is not None]
+        if shaped:
+            nulls = " ".join(f"{key}=null" for key in shaped)
+            verb = "shapes" if len(shaped) == 1 else "shape"
+            raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but backbone="
+                            f"{recipe.backbone} is given; drop one of the two (override {nulls})")
         backbone = load_backbone(recipe.backbone)
         if backbone.config.frontend.sample_rate != data.sample_rate:
             raise UserError(f"{source}: the backbone expects {backbone.config.frontend.sample_rate} Hz audio but "

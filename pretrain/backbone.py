@@ -56,6 +56,9 @@ class BackboneConfig:
             raise ValueError(f"num_mel_bins {self.num_mel_bins} differs from the frontend's {self.frontend.num_mel_bins}")
         if self.max_frames < self.patch_size or self.num_mel_bins < self.patch_size:
             raise ValueError(f"max_frames and num_mel_bins must be at least one patch ({self.patch_size})")
+        if not (1 <= self.frequency_stride <= self.patch_size and 1 <= self.time_stride <= self.patch_size):
+            raise ValueError(f"frequency_stride and time_stride must be 1..patch_size ({self.patch_size}), got "
+                             f"{self.frequency_stride} and {self.time_stride}")
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> BackboneConfig:
@@ -81,15 +84,18 @@ class ModelConfig:
     num_layers: int | None = None
     num_heads: int | None = None
     intermediate_size: int | None = None
-    patch_size: int | None = None  # non-overlapping patches of this size
+    patch_size: int | None = None  # square patches of this size, non-overlapping unless a stride below is set
+    frequency_stride: int | None = None  # a stride under patch_size overlaps the patches (AST: 10)
+    time_stride: int | None = None
     dropout: float | None = None
 
     def backbone_config(self, *, max_frames: int, frontend: FrontendConfig) -> BackboneConfig:
         """The BackboneConfig it names; raises ValueError for an unknown size or impossible shapes."""
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "size"}
         overrides = {name: value for name, value in overrides.items() if value is not None}
-        if "patch_size" in overrides:
-            overrides["frequency_stride"] = overrides["time_stride"] = overrides["patch_size"]
+        patch = overrides.get("patch_size", BackboneConfig.patch_size)
+        overrides.setdefault("frequency_stride", patch)
+        overrides.setdefault("time_stride", patch)
         return BackboneConfig.from_size(self.size, max_frames=max_frames, frontend=frontend, **overrides)
 
 

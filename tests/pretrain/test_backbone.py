@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from torch.nn import functional as F
 
-from pretrain.backbone import Backbone, BackboneConfig, attend, patchify, unpatchify
+from pretrain.backbone import Backbone, BackboneConfig, ModelConfig, attend, patchify, unpatchify
+from pretrain.frontend import FrontendConfig
 
 
 def small(**overrides) -> BackboneConfig:
@@ -30,6 +31,18 @@ def test_sizes_and_overrides() -> None:
         BackboneConfig.from_size("huge")
     with pytest.raises(ValueError, match="divisible"):
         BackboneConfig(hidden_size=100, num_heads=3)
+
+
+def test_recipe_model_section_sets_patch_size_and_strides() -> None:
+    def config(**section) -> BackboneConfig:
+        return ModelConfig(size="cpu-2", **section).backbone_config(max_frames=298, frontend=FrontendConfig())
+
+    assert config().grid(298) == (8, 18)
+    assert config(frequency_stride=8).grid(298) == (15, 18)  # patches overlap in frequency only
+    assert config(patch_size=8).grid(298) == (16, 37)  # non-overlapping 8 x 8 patches
+    assert config(time_stride=10).grid(298) == (8, 29)
+    with pytest.raises(ValueError, match="stride"):
+        config(patch_size=8, frequency_stride=16)
 
 
 def test_outputs_and_grid(model: Backbone) -> None:
