@@ -11,7 +11,8 @@ source the labels never showed. It runs the toolkit's own command lines, one sub
 3. `pretrain` the same CPU-sized backbone with each objective's recipe for the same compute (steps x batch),
    logging its loss curve;
 4. `finetune` each backbone and a from-scratch baseline with the shipped CPU recipe (recipes/finetune/cpu-synth.yaml),
-   one run per seed, and a frozen-feature linear probe of each;
+   one run per seed (a pretrained backbone keeps its own non-overlapping patches and trains without patchout,
+   PRETRAINED_FINETUNE), and a frozen-feature linear probe of each;
 5. `finetune evaluate` every model on the test shards (the numbers come from its report.json) and `finetune
    yardsticks` (no information; log-mel statistics + logistic regression) on the same data;
 6. write RESULTS.md (mean +- std over seeds, targets, pretraining curves, commands, seeds, machine, date) and a
@@ -76,6 +77,9 @@ SF2 = Path("/usr/share/sounds/sf2")
 DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
 OBJECTIVES = ("mae", "teacher", "electra", "metric", "combined")
 VAL_FRACTION = 0.2
+# Pretraining needs non-overlapping patches, so a pretrained backbone fine-tunes with the recipe's patch geometry
+# dropped (its own, stride 16) and without the patchout that the overlapping scratch geometry is measured with.
+PRETRAINED_FINETUNE = ("model.frequency_stride=null", "augment.patchout=0.0")
 ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "map", "same_font_macro_f1", "same_font_lrap")  # fine-tune columns
 TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.60  # the bar: pretrained - scratch, best fine-tuned macro F1
 
@@ -315,7 +319,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         stage = f"{kind}-{name}-{n}-seed{run_seed}"
         run_dir = out / kind / stage.removeprefix(f"{kind}-")
         command = python("-m", "finetune", recipe,
-                         *([f"backbone={backbone}"] if backbone else [f"model.size={budget.size}"]),
+                         *((f"backbone={backbone}", *PRETRAINED_FINETUNE) if backbone
+                           else (f"model.size={budget.size}",)),
                          f"data.train={labelled[n] / 'train'}", f"data.val={labelled[n] / 'val'}",
                          f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={run_seed}",
                          f"train.checkpoint_every={max(1, steps // 4)}", f"train.log_every={max(1, steps // 4)}",

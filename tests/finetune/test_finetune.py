@@ -161,6 +161,19 @@ def test_patchout_out_of_range_is_a_one_line_recipe_error(data, run_module, tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_a_pretrained_backbone_with_scratch_shape_overrides_is_a_one_line_recipe_error(data, backbone_dir, run_module,
+                                                                                       tmp_path):
+    result = run_module("finetune", "recipes/finetune/cpu-synth.yaml", f"backbone={backbone_dir}",
+                        f"data.train={data['train']}", f"data.val={data['val']}", f"output_dir={tmp_path}",
+                        "model.num_layers=3")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: recipes/finetune/cpu-synth.yaml: model.num_layers, model.frequency_stride shape a backbone trained "
+        f"from scratch, but backbone={backbone_dir} is given; drop one of the two (override model.num_layers=null "
+        f"model.frequency_stride=null)"]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def cli_run(data, backbone_dir, run_module, tmp_path_factory) -> tuple[Path, str]:
     """(output_dir, stdout) of a linear-head LoRA model trained through the CLI with the shipped lora recipe."""
