@@ -33,9 +33,9 @@ naming the stage. Delete OUT after changing the toolkit's code: the keys do not 
 training SoundFonts, against the log-mel regression and no-information yardsticks, on test pieces rendered with
 an unseen SoundFont and with the training fonts:
 
-    python bench/quality.py --table supervised --write-results   # bench/RESULTS-supervised.md, ~50 min on 2 cores
+    python bench/quality.py --table supervised --write-results   # bench/RESULTS-supervised.md, ~35 min on 2 cores
 
-(three seeds by default; `--seeds 0 1` took 36 minutes).
+(three seeds by default; `--seeds 0 1` took 23 minutes with the overlapping-patch recipe).
 """
 
 from __future__ import annotations
