@@ -573,8 +573,8 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"{', '.join(Path(font).name for font in result['pool_soundfonts'])}, cut into 3 s segments. Test: "
         f"{sizes['test_files']} polyphonic files rendered with {Path(result['test_soundfont']).name}, a font in "
         "neither set. Backbone size "
-        f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe with seeds {seeds} (mean +- sample std); the "
-        "probe (a linear head on mean patch tokens of the frozen backbone) runs seed "
+        f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe with seeds {seeds} (mean +- sample "
+        "std); the probe (a linear head on mean patch tokens of the frozen backbone) runs seed "
         f"{sizes['seeds'][0]}.", "",
         "The same-font columns score the same fine-tuned models on the same test pieces rendered with the labelled "
         "set's font. The yardsticks (`python -m finetune yardsticks`) use no ViT: *no information* predicts every "
