@@ -51,8 +51,8 @@ install: system-deps $(STAMP)
 # evaluate on the unseen font and print the scores next to the yardsticks (about 18 minutes on 2 cores).
 demo: install
 	$(PY) -m shards synth $(DEMO)/synth --train-per-class 1000 --test-files 0 --unlabeled 0 --seed 0 --soundfont $(TRAIN_FONTS) --workers 2
-	$(PY) -m shards synth $(DEMO)/synth-test --train-per-class 0 --test-files 100 --unlabeled 0 --seed 1 --soundfont $(TEST_FONT) --workers 2
-	$(PY) -m shards pack irmas-train $(DEMO)/synth/IRMAS-TrainingData $(DEMO)/shards/irmas-train --val-fraction 0.2 --workers 2
+	$(PY) -m shards synth $(DEMO)/synth-test --train-per-class 0 --test-files 200 --unlabeled 0 --seed 1 --soundfont $(TEST_FONT) --workers 2
+	$(PY) -m shards pack irmas-train $(DEMO)/synth/IRMAS-TrainingData $(DEMO)/shards/irmas-train --val-fraction 0.1 --workers 2
 	$(PY) -m shards pack irmas-test $(DEMO)/synth-test/IRMAS-TestingData-Part1 $(DEMO)/shards/irmas-test --workers 2
 	$(PY) -m shards verify $(DEMO)/shards/irmas-train
 	$(PY) -m shards stats $(DEMO)/shards/irmas-train --plot $(DEMO)/irmas-train-classes.png
