@@ -48,7 +48,7 @@ system-deps:
 install: system-deps $(STAMP)
 
 # The main job end to end: render (three training fonts, an unseen test font), pack, fine-tune with validation curves,
-# evaluate on the unseen font and print the scores next to the yardsticks (about 18 minutes on 2 cores).
+# evaluate on the unseen font and print the scores next to the yardsticks (about 20 minutes on 2 cores).
 demo: install
 	$(PY) -m shards synth $(DEMO)/synth --train-per-class 1000 --test-files 0 --unlabeled 0 --seed 0 --soundfont $(TRAIN_FONTS) --workers 2
 	$(PY) -m shards synth $(DEMO)/synth-test --train-per-class 0 --test-files 200 --unlabeled 0 --seed 1 --soundfont $(TEST_FONT) --workers 2
