@@ -29,8 +29,8 @@ class Classifier(AudioEncoder):
 
     def __init__(self, *, backbone: Backbone, head: HeadConfig, classes: int = len(INSTRUMENTS),
                  adapters: nn.ModuleList | None = None, spec_augment: SpecAugment | None = None,
-                 patchout: float = 0.0):
-        super().__init__(backbone=backbone, spec_augment=spec_augment)
+                 patchout: float = 0.0, warp: float = 0.0):
+        super().__init__(backbone=backbone, spec_augment=spec_augment, warp=warp)
         self.adapters = adapters  # run by forward hooks on the backbone's blocks (see finetune.adapters)
         self.head = Head(config=head, dim=backbone.hidden_size, classes=classes, eps=backbone.config.layer_norm_eps)
         self.patchout = patchout

@@ -39,7 +39,8 @@ from shards.vocab import INSTRUMENTS
 
 @dataclass
 class AugmentConfig(WaveAugmentConfig):
-    """Waveform levers (gain_db, filters, noise, pitch, reverb: see pretrain.augment), then SpecAugment on log-mels."""
+    """Waveform levers (gain_db, filters, noise, pitch, reverb: see pretrain.augment), a frequency warp inside the
+    log-mel (pretrain.frontend.LogMel: pitch shifting's effect at no cost), then SpecAugment and patchout."""
 
     spec_augment: bool = True
     freq_mask: int = 24
@@ -47,11 +48,14 @@ class AugmentConfig(WaveAugmentConfig):
     num_freq_masks: int = 2
     num_time_masks: int = 2
     patchout: float = 0.0  # fraction of patch tokens dropped at random in each training clip (PaSST); 0 keeps all
+    warp: float = 0.0  # each training clip's mel frequencies stretched by up to +-warp (VTLP; pretrain.frontend)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.patchout < 1:
             raise ValueError(f"patchout is the fraction of patches dropped, in [0, 1); got {self.patchout}")
+        if not 0 <= self.warp < 0.5:
+            raise ValueError(f"warp is the largest relative frequency stretch, in [0, 0.5); got {self.warp}")
 
 
 ThresholdSource = Literal["mixtures", "clips"]
@@ -120,7 +124,8 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
                                num_time_masks=augment.num_time_masks) if augment.spec_augment else None
     try:
         return Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
-                          spec_augment=spec_augment, patchout=augment.patchout)
+                          spec_augment=spec_augment, patchout=augment.patchout,
+                          warp=augment.warp)
     except ValueError as error:
         raise UserError(f"{source}: head: {error}") from None
 

@@ -35,9 +35,9 @@ def cut_windows(audio: Tensor, window: int, hop: int) -> tuple[Tensor, list[int]
 class AudioEncoder(nn.Module):
     """Waveforms (B, samples) -> BackboneOutput; log-mel (and SpecAugment while training) run inside, on the device."""
 
-    def __init__(self, *, backbone: Backbone, spec_augment: SpecAugment | None = None) -> None:
+    def __init__(self, *, backbone: Backbone, spec_augment: SpecAugment | None = None, warp: float = 0.0) -> None:
         super().__init__()
-        self.frontend = LogMel(config=backbone.config.frontend)
+        self.frontend = LogMel(config=backbone.config.frontend, warp=warp)
         self.spec_augment = spec_augment
         self.backbone = backbone
 

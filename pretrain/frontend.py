@@ -58,18 +58,36 @@ class FrontendConfig:
         return self.window_length + (num_frames - 1) * self.hop_length
 
 
-class LogMel(nn.Module):
-    """(B, samples) waveform at `sample_rate` -> (B, frames, mels) normalised log-mel features."""
+WARP_STEPS = 9  # warp factors on a grid from 1 - warp to 1 + warp; each training clip draws one
 
-    def __init__(self, *, config: FrontendConfig = FrontendConfig()) -> None:
+
+def mel_banks(config: FrontendConfig, warp_factor: float = 1.0) -> Tensor:
+    """(bins, mels) Kaldi mel filterbank, its frequency axis warped by `warp_factor` as Kaldi's VTLN warps it."""
+    banks, _ = get_mel_banks(config.num_mel_bins, config.fft_length, float(config.sample_rate), LOW_FREQ, 0.0, 100.0,
+                             -500.0, warp_factor)
+    banks = F.pad(banks, (0, 1))  # Kaldi's banks stop one bin short of Nyquist
+    return rearrange(banks, "mel bin -> bin mel").contiguous()
+
+
+class LogMel(nn.Module):
+    """(B, samples) waveform at `sample_rate` -> (B, frames, mels) normalised log-mel features.
+
+    With `warp` > 0, each clip in training mode gets its filterbank's frequency axis stretched by a random factor in
+    [1 - warp, 1 + warp] (vocal tract length perturbation, Jaitly & Hinton 2013, through Kaldi's VTLN warp): pitch and
+    spectral envelope move together, as they do between two instruments' bodies or two sample sets. Evaluation, and
+    every exported model, computes the unwarped features.
+    """
+
+    def __init__(self, *, config: FrontendConfig = FrontendConfig(), warp: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= warp < 0.5:
+            raise ValueError(f"warp is the largest relative frequency stretch, in [0, 0.5); got {warp}")
         self.config = config
-        banks, _ = get_mel_banks(
-            config.num_mel_bins, config.fft_length, float(config.sample_rate), LOW_FREQ, 0.0, 100.0, -500.0, 1.0
-        )
-        banks = F.pad(banks, (0, 1))  # Kaldi's banks stop one bin short of Nyquist
-        self.register_buffer("mel_banks", rearrange(banks, "mel bin -> bin mel").contiguous(), persistent=False)
+        self.register_buffer("mel_banks", mel_banks(config), persistent=False)
         self.register_buffer("window", torch.hann_window(config.window_length, periodic=False), persistent=False)
+        factors = torch.linspace(1 - warp, 1 + warp, WARP_STEPS).tolist() if warp else []
+        warped = torch.stack([mel_banks(config, factor) for factor in factors]) if warp else torch.empty(0)
+        self.register_buffer("warped_banks", warped, persistent=False)  # (WARP_STEPS, bins, mels)
 
     def num_frames(self, num_samples: int) -> int:
         return self.config.num_frames(num_samples)
@@ -85,7 +103,12 @@ class LogMel(nn.Module):
             previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
             frames = (frames - PREEMPHASIS * previous) * self.window.float()
             power = torch.fft.rfft(frames, n=config.fft_length).abs().square()
-            fbank = torch.matmul(power, self.mel_banks.float()).clamp_min(LOG_FLOOR).log()
+            if self.training and len(self.warped_banks):
+                chosen = torch.randint(len(self.warped_banks), (power.shape[0],), device=power.device)
+                fbank = torch.bmm(power, self.warped_banks[chosen].float())
+            else:
+                fbank = torch.matmul(power, self.mel_banks.float())
+            fbank = fbank.clamp_min(LOG_FLOOR).log()
             return (fbank - config.mean) / (2 * config.std)
 
 

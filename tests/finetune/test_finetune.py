@@ -152,12 +152,15 @@ def test_patchout_drops_patches_while_training_only(data, backbone_dir):
     assert tokens == [2 + patches - round(0.75 * patches), 2 + patches]  # cls + distillation + the kept patches
 
 
-def test_patchout_out_of_range_is_a_one_line_recipe_error(data, run_module, tmp_path):
+@pytest.mark.parametrize(("override", "message"), [
+    ("augment.patchout=1", "patchout is the fraction of patches dropped, in [0, 1); got 1.0"),
+    ("augment.warp=0.5", "warp is the largest relative frequency stretch, in [0, 0.5); got 0.5"),
+])
+def test_patchout_or_warp_out_of_range_is_a_one_line_recipe_error(data, run_module, tmp_path, override, message):
     result = run_module("finetune", "recipes/finetune/cpu-synth.yaml", f"data.train={data['train']}",
-                        f"data.val={data['val']}", f"output_dir={tmp_path}", "augment.patchout=1")
+                        f"data.val={data['val']}", f"output_dir={tmp_path}", override)
     assert result.returncode != 0
-    assert result.stderr.strip() == ("error: recipes/finetune/cpu-synth.yaml: augment: patchout is the fraction of "
-                                     "patches dropped, in [0, 1); got 1.0")
+    assert result.stderr.strip() == f"error: recipes/finetune/cpu-synth.yaml: augment: {message}"
     assert not any(tmp_path.iterdir())
 
 

@@ -100,3 +100,17 @@ def test_spec_augment_masks_stripes_per_clip_and_only_in_training() -> None:
     assert time_stripes.sum(dim=1).max() <= 2 * 47 and freq_stripes.sum(dim=1).max() <= 2 * 23
     assert zero.any(dim=(1, 2)).all()
     assert len({tuple(row.nonzero().flatten().tolist()) for row in time_stripes}) > 1  # clips differ
+
+
+def test_warp_moves_a_tone_up_or_down_per_clip_in_training_only() -> None:
+    time = torch.arange(48000) / 16000
+    tone = torch.sin(2 * torch.pi * 1000.0 * time).repeat(64, 1)  # 64 clips of the same 1 kHz tone
+    frontend = LogMel(warp=0.2)
+    plain = LogMel()(tone)
+    torch.testing.assert_close(frontend.eval()(tone), plain, rtol=0, atol=0)  # exported models never warp
+    peak = plain[0].mean(dim=0).argmax()
+    warped = frontend.train()(tone).mean(dim=1).argmax(dim=1)  # (clips,) peak mel bin of each clip
+    assert (warped > peak).any() and (warped < peak).any()  # stretched and squeezed clips in one batch
+    assert (warped - peak).abs().max() <= 20  # within the +-20% the warp allows (~15 mel bins at 1 kHz)
+    with pytest.raises(ValueError, match="warp is the largest relative frequency stretch"):
+        LogMel(warp=0.5)
