@@ -31,7 +31,7 @@ from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from finetune.model import Classifier, fit_backbone
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
-from pretrain.frontend import FrontendConfig, SpecAugment
+from pretrain.frontend import FrontendConfig, SpecAugment, check_warp
 from pretrain.hub import load_backbone
 from shards.loader import DataConfig, eval_samples, validation_mixtures
 from shards.vocab import INSTRUMENTS
@@ -54,8 +54,7 @@ class AugmentConfig(WaveAugmentConfig):
         super().__post_init__()
         if not 0 <= self.patchout < 1:
             raise ValueError(f"patchout is the fraction of patches dropped, in [0, 1); got {self.patchout}")
-        if not 0 <= self.warp < 0.5:
-            raise ValueError(f"warp is the largest relative frequency stretch, in [0, 0.5); got {self.warp}")
+        check_warp(self.warp)
 
 
 ThresholdSource = Literal["mixtures", "clips"]
@@ -124,8 +123,7 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
                                num_time_masks=augment.num_time_masks) if augment.spec_augment else None
     try:
         return Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
-                          spec_augment=spec_augment, patchout=augment.patchout,
-                          warp=augment.warp)
+                          spec_augment=spec_augment, patchout=augment.patchout, warp=augment.warp)
     except ValueError as error:
         raise UserError(f"{source}: head: {error}") from None
 

@@ -61,6 +61,12 @@ class FrontendConfig:
 WARP_STEPS = 9  # warp factors on a grid from 1 - warp to 1 + warp; each training clip draws one
 
 
+def check_warp(warp: float) -> None:
+    """ValueError unless `warp` (the largest relative frequency stretch) lies in [0, 0.5)."""
+    if not 0 <= warp < 0.5:
+        raise ValueError(f"warp is the largest relative frequency stretch, in [0, 0.5); got {warp}")
+
+
 def mel_banks(config: FrontendConfig, warp_factor: float = 1.0) -> Tensor:
     """(bins, mels) Kaldi mel filterbank, its frequency axis warped by `warp_factor` as Kaldi's VTLN warps it."""
     banks, _ = get_mel_banks(config.num_mel_bins, config.fft_length, float(config.sample_rate), LOW_FREQ, 0.0, 100.0,
@@ -80,12 +86,11 @@ class LogMel(nn.Module):
 
     def __init__(self, *, config: FrontendConfig = FrontendConfig(), warp: float = 0.0) -> None:
         super().__init__()
-        if not 0 <= warp < 0.5:
-            raise ValueError(f"warp is the largest relative frequency stretch, in [0, 0.5); got {warp}")
+        check_warp(warp)
         self.config = config
         self.register_buffer("mel_banks", mel_banks(config), persistent=False)
         self.register_buffer("window", torch.hann_window(config.window_length, periodic=False), persistent=False)
-        factors = torch.linspace(1 - warp, 1 + warp, WARP_STEPS).tolist() if warp else []
+        factors = torch.linspace(1 - warp, 1 + warp, WARP_STEPS).tolist()
         warped = torch.stack([mel_banks(config, factor) for factor in factors]) if warp else torch.empty(0)
         self.register_buffer("warped_banks", warped, persistent=False)  # (WARP_STEPS, bins, mels)
 
