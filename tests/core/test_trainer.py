@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from core.errors import UserError
 from core.recipe import load_recipe
-from core.trainer import latest_checkpoint
+from core.trainer import cpu_has_bf16, latest_checkpoint, resolve_precision
 from pretrain.train import PretrainRecipe
 from shards.pack import PackOptions, pack
 
@@ -167,6 +167,17 @@ for _ in range(10):
     step()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
 """
+
+
+def test_precision_auto_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(shards, run_module, tmp_path):
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", shards, tmp_path / "run", steps=2, checkpoint_every=2,
+                         precision="auto")
+    result = run_module("pretrain", str(recipe), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "bf16" if cpu_has_bf16() else "fp32"  # emulated bf16 is ~20x slower than fp32
+    assert f"train.precision=auto: {expected} on cpu" in result.stdout
+    assert "pretrained 2 steps" in result.stdout
+    assert [resolve_precision(name, torch.device("cpu")) for name in ("fp32", "bf16")] == ["fp32", "bf16"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
