@@ -79,7 +79,7 @@ def test_print_recipe_shows_the_effective_recipe_and_it_loads_back(command, reci
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["train"]["steps"] == 7 and printed["data"]["clip_seconds"] == 2.5
-    assert printed["train"]["precision"] == "fp32" and "views" in printed["data"]  # defaults filled in
+    assert printed["train"]["grad_accum"] == 1 and "views" in printed["data"]  # defaults filled in
     module, name = schema.split(":")
     cls = getattr(importlib.import_module(module), name)
     (tmp_path / "effective.yaml").write_text(result.stdout)
