@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from core.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
+from core.trainer import PRECISIONS
 from finetune.folder import FinetunedModel, load_model
 from finetune.inference import FileResult, infer
 from finetune.predict import describe
@@ -217,7 +218,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="inference precision")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="inference precision")
     parser.add_argument("--max-seconds", type=positive_float, default=Limits.max_seconds,
                         help=f"longest audio accepted (default {Limits.max_seconds:g} s)")
     parser.add_argument("--max-bytes", type=positive_int, default=Limits.max_bytes,
