@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from pretrain.frontend import FrontendConfig
@@ -152,6 +152,14 @@ class PatchEmbedding(nn.Module):
         image = rearrange(features, "b t f -> b 1 f t")
         return rearrange(self.projection(image), "b d f t -> b f t d")
 
+    def kept(self, features: Tensor, keep: Tensor) -> Tensor:
+        """(B, frames, mels), keep (B, K) frequency-major token indices -> (B, K, D), the same tokens as `forward`
+        gives at those indices, projecting only the kept patches (patchout and masking then skip the others' cost)."""
+        patches = F.unfold(rearrange(features, "b t f -> b 1 f t"), self.patch_size, stride=self.projection.stride)
+        patches = torch.gather(patches, 2, repeat(keep, "b k -> b c k", c=patches.shape[1]))  # (B, pf*pt, K)
+        weight = rearrange(self.projection.weight, "d 1 pf pt -> d (pf pt)")
+        return F.linear(rearrange(patches, "b c k -> b k c"), weight, self.projection.bias)
+
 
 class Attention(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
@@ -235,11 +243,12 @@ class Backbone(nn.Module):
         if mels != self.config.num_mel_bins or not self.config.patch_size <= frames <= self.config.max_frames:
             raise ValueError(f"expected features (batch, {self.config.patch_size}..{self.config.max_frames} frames, "
                              f"{self.config.num_mel_bins} mels), got {tuple(features.shape)}")
-        x = self.patch_embed(features)
-        x = x + self.grid_position[:, : x.shape[2]]
-        x = rearrange(x, "b f t d -> b (f t) d")
-        if keep is not None:
-            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        if keep is None:
+            x = self.patch_embed(features)
+            x = rearrange(x + self.grid_position[:, : x.shape[2]], "b f t d -> b (f t) d")
+        else:
+            positions = rearrange(self.grid_position[:, : self.grid(frames)[1]], "f t d -> (f t) d")
+            x = self.patch_embed.kept(features, keep) + positions[keep]
         special = torch.cat([self.cls_token, self.dist_token], dim=1) + self.token_position
         x = self.dropout(torch.cat([special.expand(batch, -1, -1), x], dim=1))
         for block in self.blocks:

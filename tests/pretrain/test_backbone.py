@@ -85,6 +85,20 @@ def test_keep_runs_the_encoder_on_the_kept_patches_only(model: Backbone) -> None
     assert not torch.allclose(visible.embedding, full.embedding, atol=1e-3)  # masked patches are really unseen
 
 
+def test_kept_overlapping_patches_are_the_tokens_of_the_full_grid() -> None:
+    # keep projects only the kept patches (unfold + gather); they must equal the full Conv2d's tokens at those indices,
+    # here with patches overlapping in both axes and an input shorter than max_frames (a slice of the position grid)
+    torch.manual_seed(2)
+    model = Backbone(small(frequency_stride=4, time_stride=8)).eval()
+    features = torch.randn(2, 200, 128)
+    grid_f, grid_t = model.grid(200)
+    full = model(features)
+    order = torch.stack([torch.randperm(grid_f * grid_t) for _ in range(2)])
+    permuted = model(features, keep=order)
+    torch.testing.assert_close(permuted.tokens, torch.gather(full.tokens, 1, order[..., None].expand(-1, -1, 192)),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(permuted.embedding, full.embedding, rtol=1e-4, atol=1e-4)
+
 def test_shorter_inputs_use_the_matching_slice_of_the_position_grid(model: Backbone) -> None:
     features = torch.randn(2, 100, 128)  # 6 time patches
     short = Backbone(BackboneConfig.from_size("tiny", num_layers=2, max_frames=100)).eval()
