@@ -1,4 +1,4 @@
-"""Multi-label losses: BCE with per-class `pos_weight`, sigmoid focal loss, label smoothing.
+"""Multi-label losses: BCE with per-class `pos_weight`, sigmoid focal loss, asymmetric loss, label smoothing.
 
 IRMAS-train is imbalanced (voice and guitars dominate), so `pos_weight` = negatives / positives per class, counted on
 the training labels, keeps rare instruments from being predicted absent by default.
@@ -7,7 +7,7 @@ the training labels, keeps rare instruments from being predicted absent by defau
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -17,12 +17,21 @@ from shards.loader import sample_metadata
 from shards.vocab import multi_hot
 
 
+Kind = Literal["bce", "focal", "asl"]
+LOSSES = get_args(Kind)
+
+
 @dataclass
 class LossConfig:
-    kind: Literal["bce", "focal"] = "bce"
+    kind: Kind = "bce"
     pos_weight: bool = True  # per-class negatives/positives from the training labels
     max_pos_weight: float = 10.0
     focal_gamma: float = 2.0
+    # asl (Ridnik et al. 2021): focusing exponents apart for positives and negatives, and negatives whose probability
+    # is below asl_clip give no loss (the paper's defaults)
+    asl_gamma_positive: float = 0.0
+    asl_gamma_negative: float = 4.0
+    asl_clip: float = 0.05
     label_smoothing: float = 0.0  # targets move eps/2 towards the other side
 
 
@@ -50,8 +59,8 @@ class MultiLabelLoss(torch.nn.Module):
 
     def __init__(self, *, config: LossConfig, pos_weight: Tensor | None = None):
         super().__init__()
-        if config.kind not in ("bce", "focal"):
-            raise ValueError(f"loss.kind must be bce or focal; got {config.kind!r}")
+        if config.kind not in LOSSES:
+            raise ValueError(f"loss.kind must be one of {', '.join(LOSSES)}; got {config.kind!r}")
         self.config = config
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
@@ -60,13 +69,27 @@ class MultiLabelLoss(torch.nn.Module):
         logits = logits.float()
         eps = self.config.label_smoothing
         targets = targets * (1 - eps) + eps / 2
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight,
-                                                                   reduction="none")
+        if self.config.kind == "asl":
+            loss = self.asymmetric(logits, targets)
+        else:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight,
+                                                                        reduction="none")
         if self.config.kind == "focal":
             probability = torch.sigmoid(logits)
             p_true = probability * targets + (1 - probability) * (1 - targets)
-            bce = bce * (1 - p_true).pow(self.config.focal_gamma)
+            loss = loss * (1 - p_true).pow(self.config.focal_gamma)
         if weights is None:
-            return bce.mean()
+            return loss.mean()
         weights = weights.float()
-        return (bce.mean(dim=1) * weights).sum() / weights.sum().clamp_min(1.0)
+        return (loss.mean(dim=1) * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def asymmetric(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """(B, C) per-element asymmetric loss: -t (1-p)^g+ log p - (1-t) q^g- log(1-q), q = max(p - clip, 0)."""
+        config = self.config
+        probability = torch.sigmoid(logits)
+        shifted = (probability - config.asl_clip).clamp_min(0.0)
+        positive = (1 - probability).pow(config.asl_gamma_positive) * torch.nn.functional.logsigmoid(logits)
+        if self.pos_weight is not None:
+            positive = positive * self.pos_weight
+        negative = shifted.pow(config.asl_gamma_negative) * torch.log((1 - shifted).clamp_min(1e-8))
+        return -(targets * positive + (1 - targets) * negative)
