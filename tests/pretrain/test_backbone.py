@@ -99,6 +99,7 @@ def test_kept_overlapping_patches_are_the_tokens_of_the_full_grid() -> None:
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(permuted.embedding, full.embedding, rtol=1e-4, atol=1e-4)
 
+
 def test_shorter_inputs_use_the_matching_slice_of_the_position_grid(model: Backbone) -> None:
     features = torch.randn(2, 100, 128)  # 6 time patches
     short = Backbone(BackboneConfig.from_size("tiny", num_layers=2, max_frames=100)).eval()
