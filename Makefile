@@ -57,7 +57,7 @@ demo: install
 	$(PY) -m shards verify $(DEMO)/shards/irmas-train
 	$(PY) -m shards stats $(DEMO)/shards/irmas-train --plot $(DEMO)/irmas-train-classes.png
 	$(PY) -m finetune recipes/finetune/cpu-synth.yaml output_dir=$(DEMO)/finetune/cpu resume=auto
-	$(PY) -m finetune evaluate $(DEMO)/finetune/cpu/model $(DEMO)/shards/irmas-test --out $(DEMO)/report
+	$(PY) -m finetune evaluate $(DEMO)/finetune/cpu/model $(DEMO)/shards/irmas-test --out $(DEMO)/report --precision auto
 	$(PY) -m finetune yardsticks $(DEMO)/shards/irmas-train/train $(DEMO)/shards/irmas-train/val $(DEMO)/shards/irmas-test \
 		--report $(DEMO)/report/report.json --out $(DEMO)/report/yardsticks.json
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from core.errors import UserError
-from core.trainer import PRECISIONS
+from core.trainer import PRECISIONS, resolve_precision
 from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone
 from finetune.heads import Head, HeadConfig
 from finetune.model import Classifier
@@ -127,12 +127,14 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_model(path: str | Path, *, device: str | torch.device | None = None, precision: str = "fp32") -> FinetunedModel:
     """Load a model folder written by `save_model`, in eval mode on `device` (default: CUDA when available).
 
-    `precision` bf16 (CPUs with AVX512-BF16, recent GPUs) or fp16 (GPUs) runs inference under autocast.
+    `precision` bf16 (CPUs with AVX512-BF16, recent GPUs) or fp16 (GPUs) runs inference under autocast; auto picks
+    bf16 where the device multiplies it natively, as training does, else fp32.
     """
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, auto; got {precision!r}")
+    precision = resolve_precision(precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"--precision fp16 needs a CUDA GPU and this run is on {device.type}; use bf16 or fp32")
     meta_file = path / "finetune.json"

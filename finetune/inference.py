@@ -30,8 +30,9 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
     parser.add_argument("--hop-seconds", type=positive_float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="fp32",
+                        help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs; auto: "
+                        "bf16 where the device multiplies it natively, else fp32")
 
 
 @dataclass

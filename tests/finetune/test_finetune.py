@@ -15,10 +15,11 @@ import soundfile as sf
 import torch
 from huggingface_hub import ModelCard
 
+from core.trainer import cpu_has_bf16
 from finetune.folder import load_model, save_model
 from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
-from finetune.metrics import tune_thresholds
-from finetune.train import FinetuneRecipe, build_classifier, model_info, predict_set, validation_sets
+from finetune.metrics import multilabel_metrics, tune_thresholds
+from finetune.train import FinetuneRecipe, build_classifier, exporter, model_info, predict_set, validation_sets
 from pretrain.backbone import Backbone, BackboneConfig, param_groups
 from pretrain.encoder import cut_windows, window_starts
 from pretrain.hub import save_pretrained
@@ -207,6 +208,7 @@ def test_validation_curve_is_printed_and_the_best_checkpoint_is_exported(cli_run
     assert meta["validation"]["step"] == best_step
     assert meta["validation"]["map"] == pytest.approx(curve[best_step]["map"], abs=1e-3)
     assert meta["validation"]["best"] == {"metric": "map", "value": meta["validation"]["map"], "step": best_step}
+    assert meta["validation"]["precision"] == "fp32"  # validated at the precision it trained in (the recipe's)
     events = list((output / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and b"val/map" in b"".join(path.read_bytes() for path in events)
 
@@ -227,6 +229,22 @@ def test_thresholds_come_from_validation_mixtures(trained, data):
     assert not np.allclose(list(saved.values()), 0.5)
     clip_probabilities, clip_targets = predict_set(model.classifier, model.info, sets["clips"], batch_size=16)
     assert not np.allclose(tune_thresholds(clip_probabilities, clip_targets), list(saved.values()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_validation_scores_at_the_training_precision(precision, data, backbone_dir, tmp_path):
+    recipe = recipe_for(backbone_dir, data)
+    recipe.train.precision = precision
+    sets = validation_sets(recipe)
+    classifier = build_classifier(recipe)
+    logged = exporter(recipe, tmp_path, resumed=False, sets=sets)(classifier, tmp_path, {"step": 1})
+    meta = json.loads((tmp_path / "model" / "finetune.json").read_text())
+    assert meta["validation"]["precision"] == precision
+    probabilities, targets = predict_set(classifier, model_info(recipe), sets["mixtures"],
+                                         batch_size=recipe.eval.batch_size, precision=precision)
+    np.testing.assert_allclose(meta["thresholds"], tune_thresholds(probabilities, targets), atol=1e-6)
+    assert logged["map"] == pytest.approx(multilabel_metrics(probabilities, targets, np.array(meta["thresholds"]),
+                                                             list(INSTRUMENTS))["map"])
 
 
 def test_transformers_pipeline_matches_timbre(trained, tmp_path):
@@ -324,6 +342,8 @@ def test_bf16_inference_stays_close_to_fp32(trained, data, tmp_path):
                   for p in ("fp32", "bf16"))
     difference = np.abs(np.array(fp32) - np.array(bf16))
     assert 0 < difference.max() < 0.05  # autocast did run, and bf16 rounding moves the answers by little
+    # auto: bf16 where this CPU multiplies it natively (as training's precision: auto), else fp32
+    assert load_model(trained, device="cpu", precision="auto").precision == ("bf16" if cpu_has_bf16() else "fp32")
     failed = subprocess.run([sys.executable, "-m", "finetune", "predict", str(trained), "x.wav", "--precision", "fp16"],
                             cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
