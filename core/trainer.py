@@ -89,6 +89,7 @@ TRACKERS = ("none", "wandb", "tensorboard")
 
 # The one precision vocabulary, for training (autocast under Accelerate) and inference: name -> autocast dtype.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # what a recipe or command line may name (see resolve_precision)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in (*PRECISIONS, "auto"):
+        if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or auto; got {self.precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:

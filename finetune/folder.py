@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from core.errors import UserError
-from core.trainer import PRECISIONS, resolve_precision
+from core.trainer import PRECISION_CHOICES, PRECISIONS, resolve_precision
 from finetune.adapters import AdaptConfig, attach_adapters, merged_backbone
 from finetune.heads import Head, HeadConfig
 from finetune.model import Classifier
@@ -132,7 +132,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
     """
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision not in (*PRECISIONS, "auto"):
+    if precision not in PRECISION_CHOICES:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, auto; got {precision!r}")
     precision = resolve_precision(precision, device)
     if precision == "fp16" and device.type != "cuda":

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from core.errors import positive_float, positive_int
-from core.trainer import PRECISIONS
+from core.trainer import PRECISION_CHOICES, PRECISIONS
 from finetune.folder import FinetunedModel
 from pretrain.encoder import cut_windows
 
@@ -30,7 +30,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="window -> file (default: the model's)")
     parser.add_argument("--hop-seconds", type=positive_float, default=None, help="window hop (default: the model's)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    parser.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                         help="inference precision: bf16 on CPUs with AVX512-BF16 and recent GPUs, fp16 on GPUs; auto: "
                         "bf16 where the device multiplies it natively, else fp32")
 
