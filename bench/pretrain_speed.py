@@ -1,4 +1,4 @@
-"""Pretraining step throughput on this CPU, printed as one JSON object.
+"""Pretraining step throughput on this CPU (or a CUDA GPU with --device cuda), printed as one JSON object.
 
 Compares, in one run, on a square 256-frame x 256-mel log-mel input (16 x 16 patches of 16x16; ViTMAE's loss
 only accepts square images) and on the recipes' 3 s input (288 frames x 128 mels = 8 x 18 patches):
@@ -12,7 +12,9 @@ Timings are the best of several rounds, with every contender in both precisions 
 cores may be shared.
 
     python bench/pretrain_speed.py [--batch 16] [--steps 4] [--rounds 5] [--size tiny] [--threads N]
-Targets: >= 1.0x ViTMAE in fp32; MAE >= 3x the full-token step; bf16 >= 1.5x fp32.
+    python bench/pretrain_speed.py --device cuda --size base --decoder 512x8 --batch 128 --steps 10 --rounds 3
+Targets: >= 1.0x ViTMAE in fp32; MAE >= 3x the full-token step; bf16 >= 1.5x fp32. On a GPU, fp32 matmuls run in
+full fp32 (torch's default, no TF32), as the trainer runs them.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ def vitmae(size: str, mae: MAEConfig, frames: int, mels: int) -> nn.Module:
 
 def step_fn(model: nn.Module, loss: Callable[[], torch.Tensor], dtype: torch.dtype | None) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
+    device_type = next(model.parameters()).device.type
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
+        with torch.autocast(device_type, dtype=dtype) if dtype else nullcontext():
             value = loss()
         value.backward()
         optimizer.step()
@@ -97,7 +100,14 @@ def step_fn(model: nn.Module, loss: Callable[[], torch.Tensor], dtype: torch.dty
     return step
 
 
-def best_seconds(steps: dict[str, Callable[[], None]], *, count: int, rounds: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock read after it times that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(steps: dict[str, Callable[[], None]], *, count: int, rounds: int, device: torch.device
+                 ) -> dict[str, float]:
     """Best per-step time of each contender over `rounds` interleaved rounds of `count` steps."""
     for step in steps.values():
         step()
@@ -105,9 +115,11 @@ def best_seconds(steps: dict[str, Callable[[], None]], *, count: int, rounds: in
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(count):
                 step()
+            synchronize(device)
             best[name] = min(best[name], (time.perf_counter() - start) / count)
     return best
 
@@ -119,13 +131,16 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048, rounds: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, rounds: int = 10) -> float:
+    size = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(rounds):
+        synchronize(device)
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -138,28 +153,38 @@ def main() -> None:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier when other jobs share the cores")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--decoder", default="128x2",
+                        help="MAE decoder WIDTHxLAYERS (heads of 32 dims, MLP 4x wide); mae-base.yaml's is 512x8")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer does on a CPU
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does on a CPU
     torch.manual_seed(0)
-    mae = MAEConfig(mask_ratio=0.8, masking="random", decoder_hidden_size=128, decoder_layers=2, decoder_heads=4,
-                    decoder_intermediate_size=512)
-    square, recipe = torch.randn(args.batch, *SQUARE), torch.randn(args.batch, *RECIPE)
+    width, layers = (int(part) for part in args.decoder.split("x"))
+    mae = MAEConfig(mask_ratio=0.8, masking="random", decoder_hidden_size=width, decoder_layers=layers,
+                    decoder_heads=width // 32, decoder_intermediate_size=4 * width)
+    square, recipe = torch.randn(args.batch, *SQUARE, device=device), torch.randn(args.batch, *RECIPE, device=device)
     pixels = square.transpose(1, 2)[:, None].contiguous()  # the same spectrogram as a (B, 1, mels, frames) image
-    ours, theirs = timbre_mae(args.size, mae, *SQUARE), vitmae(args.size, mae, *SQUARE)
-    full = FullToken(timbre_mae(args.size, mae, *SQUARE))
-    ours_recipe, full_recipe = timbre_mae(args.size, mae, *RECIPE), FullToken(timbre_mae(args.size, mae, *RECIPE))
+    ours, theirs = timbre_mae(args.size, mae, *SQUARE).to(device), vitmae(args.size, mae, *SQUARE).to(device)
+    full = FullToken(timbre_mae(args.size, mae, *SQUARE)).to(device)
+    ours_recipe = timbre_mae(args.size, mae, *RECIPE).to(device)
+    full_recipe = FullToken(timbre_mae(args.size, mae, *RECIPE)).to(device)
+    on_gpu = device.type == "cuda"
     result: dict = {
-        "device": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch": args.batch,
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "batch": args.batch,
         "square_input": f"{SQUARE[0]} frames x {SQUARE[1]} mels (16 x 16 patches)",
         "recipe_input": f"{RECIPE[0]} frames x {RECIPE[1]} mels (8 x 18 patches)",
         "size": args.size, "mask_ratio": mae.mask_ratio,
         "decoder": f"{mae.decoder_hidden_size} wide, {mae.decoder_layers} layers",
-        "note": "best of interleaved rounds on 2 cores shared with other jobs; compare the ratios",
+        "note": "best of interleaved rounds; compare the ratios",
     }
     # Emulated bf16 (CPUs without AVX512-BF16/AMX) runs ~20x slower than fp32 and would take the run past minutes.
-    precisions = (("fp32", None), ("bf16", torch.bfloat16)) if cpu_has_bf16() else (("fp32", None),)
+    native_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_bf16()
+    precisions = (("fp32", None), ("bf16", torch.bfloat16)) if native_bf16 else (("fp32", None),)
     steps = {}
     for label, dtype in precisions:
         steps[label] = {
@@ -172,11 +197,11 @@ def main() -> None:
     # Both precisions take turns in the same rounds: the bf16/fp32 ratio then compares like with like even when
     # the machine's speed drifts during the run.
     seconds = best_seconds({f"{label}/{name}": step for label in steps for name, step in steps[label].items()},
-                           count=args.steps, rounds=args.rounds)
+                           count=args.steps, rounds=args.rounds, device=device)
     for label, dtype in precisions:
         timed = {name: seconds[f"{label}/{name}"] for name in steps[label]}
         flops = step_flops(steps[label]["timbre_mae"])
-        peak = matmul_flops_per_s(dtype or torch.float32)
+        peak = matmul_flops_per_s(dtype or torch.float32, device)
         result[label] = {
             **{f"{name}_clips_per_s": round(args.batch / s, 2) for name, s in timed.items()},
             "mae_vs_vitmae": round(timed["vitmae"] / timed["timbre_mae"], 3),
@@ -199,6 +224,8 @@ def main() -> None:
         result["targets_met"]["bf16_vs_fp32>=1.5"] = result["bf16_vs_fp32"] >= 1.5
     else:
         result["bf16"] = "not measured: this CPU has no AVX512-BF16 or AMX, so torch emulates bf16 (~20x slower)"
+    if on_gpu:
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     print(json.dumps(result, indent=1))
 
 
