@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from core.errors import ArgumentParser, UserError, positive_float, positive_int, timbre_version
-from core.trainer import PRECISIONS
+from core.trainer import PRECISION_CHOICES
 from finetune.folder import FinetunedModel, load_model
 from finetune.inference import FileResult, infer
 from finetune.predict import describe
@@ -180,7 +180,8 @@ def create_app(model: FinetunedModel, *, limits: Limits = Limits(), batch_size: 
         return {"labels": labels, "thresholds": dict(zip(labels, info.thresholds)), "clip_seconds": info.clip_seconds,
                 "hop_seconds": info.hop_seconds, "sample_rate": info.sample_rate, "aggregate": info.aggregate,
                 "validation": info.validation, "head": info.head.kind, "adapt": info.adapt.mode,
-                "timbre_version": timbre_version(), "model": model.path, "batching": batching,
+                "timbre_version": timbre_version(), "model": model.path, "precision": model.precision,
+                "batching": batching,
                 "limits": {"max_bytes": limits.max_bytes, "max_seconds": limits.max_seconds,
                            "max_files": limits.max_files}}
 
@@ -218,7 +219,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="inference precision")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                        help="inference precision; auto: bf16 where the device multiplies it natively, else fp32")
     parser.add_argument("--max-seconds", type=positive_float, default=Limits.max_seconds,
                         help=f"longest audio accepted (default {Limits.max_seconds:g} s)")
     parser.add_argument("--max-bytes", type=positive_int, default=Limits.max_bytes,

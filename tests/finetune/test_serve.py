@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from core.trainer import cpu_has_bf16
 from finetune.folder import load_model, save_model
 from finetune.predict import predict
 from finetune.train import FinetuneRecipe, build_classifier, model_info
@@ -76,12 +77,33 @@ def server(model_dir) -> str:
     assert f"on http://127.0.0.1:{port}/" in output  # bound to loopback by default
 
 
+def test_precision_auto_serves_what_the_cpu_multiplies_natively(model_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(model_dir), "--port", str(port),
+                                "--precision", "auto", "--threads", "1"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        about = None
+        deadline = time.monotonic() + 120
+        while about is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                about = httpx.get(f"http://127.0.0.1:{port}/model", timeout=1).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert about is not None, process.communicate(timeout=30)[0] if process.poll() is not None else "no answer"
+        assert about["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
 def test_health_model_and_docs(server, model_dir):
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     about = httpx.get(f"{server}/model").json()
     thresholds = json.loads((model_dir / "thresholds.json").read_text())
     assert about["labels"] == list(thresholds) and about["thresholds"] == thresholds
-    assert about["clip_seconds"] == 1.0 and about["timbre_version"]
+    assert about["clip_seconds"] == 1.0 and about["timbre_version"] and about["precision"] == "fp32"
     assert "/predict" in httpx.get(f"{server}/openapi.json").json()["paths"]
     assert "swagger" in httpx.get(f"{server}/docs").text.lower()
 
