@@ -100,7 +100,7 @@ def test_transformers_in_a_fresh_process_reproduces_timbre(exported, tmp_path: P
     with torch.no_grad():
         features = LogMel(config=backbone.config.frontend)(audio)
         ours = backbone(features)
-    assert np.abs(result["features"] - features.numpy()).max() < 1e-5
+    assert np.abs(result["features"] - features.numpy()).max() < TOLERANCE  # float32 rounding (pretrain/frontend.py)
     assert np.abs(result["hidden"] - ours.hidden.numpy()).max() < TOLERANCE
     assert np.abs(result["pooled"] - ours.embedding.numpy()).max() < TOLERANCE
 
