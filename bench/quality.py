@@ -611,7 +611,8 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         ]
     else:
         lines += ["- No objective was run (`--objectives` empty): scratch only."]
-    lines += ["", "GPU: this benchmark runs on CPU; the base recipes on a GPU are in bench/RESULTS-gpu.md.", "", "## Pretraining", "",
+    lines += ["", "GPU: this benchmark runs on CPU; the base recipes on a GPU are in bench/RESULTS-gpu.md.", "",
+              "## Pretraining", "",
               "How each objective's run went: its loss at a quarter, half, three quarters and the end of the run, and the "
               "frozen-feature probe (`pretrain.probe`: a logistic regression on mean patch tokens, fit on the labelled "
               "training split, LRAP on its validation clips) at every checkpoint.", "",

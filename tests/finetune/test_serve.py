@@ -4,6 +4,7 @@ requests, the bad-input zoo, concurrent clients, and the page driven by a real h
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -55,47 +57,41 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model(build_classifier(recipe).eval(), tmp_path_factory.mktemp("served") / "model", model_info(recipe))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir) -> str:
+@contextlib.contextmanager
+def serving(model_dir: Path, *options: str) -> Iterator[str]:
+    """`python -m finetune serve MODEL OPTIONS` on a free loopback port, answering /health; yields its URL. On the
+    way out the server is stopped and must have said where it listened (loopback by default)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(model_dir), "--port", str(port),
-                                "--max-seconds", "20", "--max-bytes", "2000000"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                *options], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert process.poll() is None, process.stdout.read()
-    yield url
-    process.terminate()
-    output = process.communicate(timeout=30)[0]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert process.poll() is None, process.stdout.read()
+        yield url
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/" in output  # bound to loopback by default
 
 
+@pytest.fixture(scope="module")
+def server(model_dir) -> Iterator[str]:
+    with serving(model_dir, "--max-seconds", "20", "--max-bytes", "2000000") as url:
+        yield url
+
+
 def test_precision_auto_serves_what_the_cpu_multiplies_natively(model_dir):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(model_dir), "--port", str(port),
-                                "--precision", "auto", "--threads", "1"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        about = None
-        deadline = time.monotonic() + 120
-        while about is None and time.monotonic() < deadline and process.poll() is None:
-            try:
-                about = httpx.get(f"http://127.0.0.1:{port}/model", timeout=1).json()
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert about is not None, process.communicate(timeout=30)[0] if process.poll() is not None else "no answer"
-        assert about["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
+    with serving(model_dir, "--precision", "auto", "--threads", "1") as url:
+        assert httpx.get(f"{url}/model").json()["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
 
 
 def test_health_model_and_docs(server, model_dir):
