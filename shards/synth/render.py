@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import mido
@@ -32,14 +33,21 @@ TICKS_PER_SECOND = 1000  # MIDI clock of the batch files: 1 tick = 1 ms (tempo 6
 # 640 ms (= 441 blocks at 44.1 kHz): every stem then sounds the same, sample for sample, wherever it is rendered.
 ALIGN_TICKS = 640
 DRUM_CHANNEL = 9
+NOTE_OFF, NOTE_ON, PROGRAM_CHANGE, CONTROL_CHANGE = 0x80, 0x90, 0xC0, 0xB0  # MIDI status bytes (| channel)
 
 
 def colour(audio: np.ndarray, tone: Colour) -> np.ndarray:
     """`audio` (frames, channels) through the EQ `tone`, by FFT (float64), zero-padded to a fast length."""
     n = _fast_length(len(audio) + SAMPLE_RATE // 10)
     spectrum = np.fft.rfft(audio.astype(np.float64), n=n, axis=0)
-    spectrum *= tone.gain(np.fft.rfftfreq(n, 1 / SAMPLE_RATE))[:, None]
+    spectrum *= _gain(tone, n)[:, None]
     return np.fft.irfft(spectrum, n=n, axis=0)[: len(audio)]
+
+
+@lru_cache(maxsize=4)
+def _gain(tone: Colour, n: int) -> np.ndarray:
+    """The EQ's gain at the frequencies of an n-point rfft, made once for all the stems of a clip."""
+    return tone.gain(np.fft.rfftfreq(n, 1 / SAMPLE_RATE))
 
 
 def _fast_length(n: int) -> int:
@@ -74,30 +82,30 @@ def stem_layout(stems: Sequence[tuple[float, list[Part]]]) -> list[int]:
 def write_midi(stems: Sequence[tuple[float, list[Part]]], path: Path) -> list[int]:
     """One type-0 MIDI file playing the stems in turn; returns each stem's start tick (1 tick = 1 ms)."""
     starts = stem_layout(stems)
-    events: list[tuple[int, int, mido.Message]] = []  # (tick, order, message): setup < note off < note on < kill
+    # (tick, order, message bytes): setup < note off < note on < kill; messages are made once their time is known
+    events: list[tuple[int, int, list[int]]] = []
     for start, (seconds, parts) in zip(starts, stems):
         channels = iter(c for c in range(16) if c != DRUM_CHANNEL)
         for part in parts:
             channel = DRUM_CHANNEL if part.drums else next(channels)
             events += [
-                (start, 0, mido.Message("program_change", channel=channel, program=part.program)),
-                (start, 0, mido.Message("control_change", channel=channel, control=7, value=part.volume)),
-                (start, 0, mido.Message("control_change", channel=channel, control=10, value=part.pan)),
+                (start, 0, [PROGRAM_CHANGE | channel, part.program]),
+                (start, 0, [CONTROL_CHANGE | channel, 7, part.volume]),
+                (start, 0, [CONTROL_CHANGE | channel, 10, part.pan]),
             ]
             for note in part.notes:
                 on, off = start + _ticks(note.start), start + max(_ticks(note.end), _ticks(note.start) + 1)
-                events.append((on, 2, mido.Message("note_on", channel=channel, note=note.pitch,
-                                                   velocity=note.velocity)))
-                events.append((off, 1, mido.Message("note_off", channel=channel, note=note.pitch, velocity=0)))
+                events.append((on, 2, [NOTE_ON | channel, note.pitch, note.velocity]))
+                events.append((off, 1, [NOTE_OFF | channel, note.pitch, 0]))
         end = start + _ticks(seconds)
         for channel in range(16):  # silence everything at the stem's end, and reset for the next one
-            events.append((end, 3, mido.Message("control_change", channel=channel, control=120, value=0)))
-            events.append((end, 3, mido.Message("control_change", channel=channel, control=121, value=0)))
+            events.append((end, 3, [CONTROL_CHANGE | channel, 120, 0]))
+            events.append((end, 3, [CONTROL_CHANGE | channel, 121, 0]))
     events.sort(key=lambda e: (e[0], e[1]))
     track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=1_000_000, time=0)])
     last = 0
-    for tick, _, message in events:
-        track.append(message.copy(time=tick - last))
+    for tick, _, data in events:
+        track.append(mido.Message.from_bytes(data, time=tick - last))
         last = tick
     midi = mido.MidiFile(type=0, ticks_per_beat=TICKS_PER_SECOND)
     midi.tracks.append(track)
