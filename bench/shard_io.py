@@ -6,7 +6,9 @@ Prints one JSON object:
           psutil) for a small input and one 10x larger (and the ratio: bounded memory keeps it near 1).
   loader: clips/s from the packed shards to collated batches with `shards.loader.train_batches`, against a
           per-file torch `Dataset` that reads each original 44.1 kHz stereo wav with soundfile and resamples
-          it per item (the usual baseline), with the same batch size and number of DataLoader workers.
+          it per item (the usual baseline), with the same batch size and number of DataLoader workers; without
+          workers also the epochs after the first with a `SampleCache` (shards kept decoded in memory, the same
+          batches), against the same epochs read and decoded from the shards.
 
 Inputs are IRMAS-layout 3 s, 44.1 kHz stereo wavs written with numpy + soundfile to a temporary folder.
 Each pack runs in a fresh subprocess so that memory and timing are its own; times exclude interpreter start.
@@ -35,7 +37,7 @@ import torch
 import torchaudio
 
 from shards import vocab
-from shards.loader import train_batches
+from shards.loader import SampleCache, train_batches
 
 SECONDS, RATE, CHANNELS = 3.0, 44100, 2
 
@@ -178,6 +180,20 @@ def main() -> None:
                 "shards_clips_per_cpu_s": round(shard_cpu, 1),
                 "per_file_clips_per_cpu_s": round(file_cpu, 1),
                 "speedup_cpu_time": round(shard_cpu / file_cpu, 2),
+            }
+            cache, read_rates, cached_rates = SampleCache(4.0), [], []
+            list(train_batches(shards, batch_size=args.batch, batches_per_epoch=batches, cache=cache))  # fills it
+            for epoch in range(1, args.repeats + 1):  # interleaved: the same later epochs, read or from the cache
+                read_rates.append(clips_per_s(train_batches(shards, batch_size=args.batch, epoch=epoch,
+                                                            batches_per_epoch=batches), len(files)))
+                cached_rates.append(clips_per_s(train_batches(shards, batch_size=args.batch, epoch=epoch,
+                                                              batches_per_epoch=batches, cache=cache), len(files)))
+            read_wall, cached_wall = max(r[0] for r in read_rates), max(r[0] for r in cached_rates)
+            loader |= {
+                "later_epochs_read_clips_per_s": round(read_wall, 1),
+                "later_epochs_cached_clips_per_s": round(cached_wall, 1),
+                "cache_speedup": round(cached_wall / read_wall, 2),
+                "cache_mib": round(cache.bytes / 2**20, 1),
             }
 
     print(json.dumps({

@@ -243,8 +243,10 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         criterion.to(logits.device)
         return criterion(logits, batch["targets"], batch["labelled"]), {}
 
+    cache = data.sample_cache()
+
     def batches(epoch: int):
-        return data.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
+        return data.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch, cache=cache)
 
     layer_decay = recipe.adapt.layer_decay if recipe.adapt.mode == "full" else 1.0
     groups = param_groups(classifier, backbone=classifier.backbone, lr=recipe.train.lr,

@@ -92,8 +92,10 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     if recipe.probe.train and PartialState().is_main_process:  # the export hook, which runs it, is the main process's
         probe = Probe(recipe.probe, sample_rate=data.sample_rate)
 
+    cache = stream.sample_cache()
+
     def batches(epoch: int):
-        return stream.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch)
+        return stream.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch, cache=cache)
 
     def export(trained: Pretrainer, directory: Path, state: dict) -> dict[str, float] | None:
         save_pretrained(trained.backbone, directory / "backbone", card={

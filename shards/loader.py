@@ -32,7 +32,8 @@ import sys
 import tarfile
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from itertools import count, islice
@@ -297,11 +298,12 @@ def _local(index: int, run: int, readers: int) -> int:
     return (index // (run * readers)) * run + index % run
 
 
-def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str) -> Iterator[dict]:
+def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str, cache: SampleCache | None) -> Iterator[dict]:
     """The picked samples of each shard, checking that the shard holds as many samples as it was counted with.
 
     A shard that does not read (truncated, corrupt, short of samples) stops the run with `bad_shards="stop"`;
-    with "skip" it is left out from then on, with a warning and a running count on stderr.
+    with "skip" it is left out from then on, with a warning and a running count on stderr. With a `cache`, a shard
+    already in it is not read again, and a shard read while the cache has room goes into it, decoded.
     """
     bad: set[str] = set()
     skipped_in_a_row = 0
@@ -312,9 +314,17 @@ def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str) -> Iterator[dict
                 raise UserError(f"{plan.urls[0]}: no readable shard left for this reader ({len(bad)} skipped); "
                                 f"{VERIFY_HINT}")
             continue
-        picks, seen = set(shard["picks"]), 0
+        cached = cache.shards.get(shard["url"]) if cache is not None else None
+        if cached is not None:
+            skipped_in_a_row = 0
+            yield from (cached[index - shard["start"]] for index in shard["picks"])
+            continue
+        picks, seen, kept = set(shard["picks"]), 0, []
         try:
             for sample in _tar_samples(shard["url"]):
+                if cache is not None and cache.has_room:
+                    sample = _decoded(sample)
+                    kept.append(sample)
                 if shard["start"] + seen in picks:
                     skipped_in_a_row = 0
                     yield sample
@@ -327,6 +337,44 @@ def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str) -> Iterator[dict
                 raise
             bad.add(shard["url"])
             print(f"warning: {error}; skipped from now on ({len(bad)} bad shard(s) so far)", file=sys.stderr)
+            continue
+        if kept and len(kept) == seen:
+            cache.add(shard["url"], kept)
+
+
+class SampleCache:
+    """Training shards kept in memory, decoded, so that every epoch after the first neither reads nor decodes them.
+
+    Whole shards are kept, in the order they are first read, while the decoded audio they hold stays under
+    `max_gb` GiB (16-bit FLAC as int16: 96 KB per 3 s clip at 16 kHz); a shard that would not fit is read from
+    disk every epoch. Batches are the same, bit for bit, as without the cache. Pass one cache to every epoch's
+    `train_batches` in the same process: DataLoader workers start afresh each epoch, so it needs num_workers=0.
+    """
+
+    def __init__(self, max_gb: float) -> None:
+        self.max_bytes = int(max_gb * 2**30)
+        self.bytes = 0
+        self.shards: dict[str, list[dict]] = {}
+
+    @property
+    def has_room(self) -> bool:
+        return self.bytes < self.max_bytes
+
+    def add(self, url: str, samples: list[dict]) -> None:
+        size = sum(sample["pcm"].nbytes for sample in samples)
+        if self.bytes + size <= self.max_bytes:
+            self.shards[url] = samples
+            self.bytes += size
+
+
+def _decoded(sample: dict) -> dict:
+    """A raw sample with its metadata checked and its FLAC decoded whole: int16 for 16-bit FLAC (what pack
+    writes; soundfile's float32 of such a file is exactly the int16 / 32768), float32 otherwise."""
+    meta = _metadata(sample)
+    with soundfile.SoundFile(io.BytesIO(sample["flac"])) as audio:
+        pcm = audio.read(dtype="int16" if audio.subtype == "PCM_16" else "float32", always_2d=True)
+        rate = audio.samplerate
+    return {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "meta": meta, "pcm": pcm, "rate": rate}
 
 
 def _shuffle(src: Iterator[dict], *, plan: _Plan, buffer: int) -> Iterator[dict]:
@@ -372,41 +420,51 @@ def _metadata(sample: dict) -> SampleMeta:
     return meta
 
 
-def _crops(flac: bytes, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
+@contextmanager
+def _reader(sample: dict) -> Iterator[tuple[int, int, int, Callable[[int, int], np.ndarray]]]:
+    """(sample rate, frames, channels, read(start, frames) -> float32 (frames, channels)) of a sample's audio:
+    its decoded `pcm` when it came from a SampleCache, else its FLAC bytes, of which only what is read is decoded."""
+    if "pcm" in sample:
+        pcm = sample["pcm"]
+        scale = np.float32(1 / 32768) if pcm.dtype == np.int16 else np.float32(1)
+        yield sample["rate"], len(pcm), pcm.shape[1], lambda start, frames: pcm[start: start + frames] * scale
+        return
+    with soundfile.SoundFile(io.BytesIO(sample["flac"])) as audio:
+        def read(start: int, frames: int) -> np.ndarray:
+            if start != audio.tell():  # a FLAC seek restarts the decoder; a whole clip needs none
+                audio.seek(start)
+            return audio.read(frames, dtype="float32", always_2d=True)
+
+        yield audio.samplerate, audio.frames, audio.channels, read
+
+
+def _crops(sample: dict, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
     """`views` random crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
 
     Only the cropped frames are decoded: FLAC is seekable, so a 3 s crop of a long song costs 3 s of decoding.
-    Shards already mono at `sample_rate` (what pack writes by default) are decoded straight into the output.
+    Shards already mono at `sample_rate` (what pack writes by default) need no conversion.
     """
     length = round(seconds * sample_rate)
     out = np.zeros((views, length), dtype=np.float32)
-    with soundfile.SoundFile(io.BytesIO(flac)) as audio:
-        rate, frames = audio.samplerate, audio.frames
-        direct = rate == sample_rate and audio.channels == 1
+    with _reader(sample) as (rate, frames, channels, read):
+        direct = rate == sample_rate and channels == 1
         need = math.ceil(seconds * rate)
         for view in range(views):
             start = rng.randint(0, frames - need) if frames > need else 0
-            if start != audio.tell():  # a FLAC seek restarts the decoder; a whole clip needs none
-                audio.seek(start)
-            if direct:
-                read = min(length, frames)
-                offset = rng.randint(0, length - read) if frames < need else 0
-                audio.read(read, dtype="float32", always_2d=True, out=out[view, offset : offset + read, None])
-                continue
-            clip = to_mono(audio.read(min(need, frames), dtype="float32", always_2d=True), rate, sample_rate)
-            clip = clip.numpy()[:length]
+            block = read(start, min(need, frames))
+            clip = block[:length, 0] if direct else to_mono(block, rate, sample_rate).numpy()[:length]
             offset = rng.randint(0, length - len(clip)) if frames < need else 0
-            out[view, offset : offset + len(clip)] = clip
+            out[view, offset: offset + len(clip)] = clip
     return out
 
 
 def _examples(src: Iterator[dict], *, plan: _Plan, seconds: float, sample_rate: int, views: int) -> Iterator[_Example]:
     rng = plan.rng("crop")
     for sample in src:
-        meta = _metadata(sample)
+        meta = sample["meta"] if "pcm" in sample else _metadata(sample)
         instruments = frozenset(meta.get("instruments") or ())
         yield _Example(
-            audio=_crops(sample["flac"], seconds=seconds, sample_rate=sample_rate, views=views, rng=rng),
+            audio=_crops(sample, seconds=seconds, sample_rate=sample_rate, views=views, rng=rng),
             instruments=instruments,
             genre=vocab.genre_index(meta.get("genre")),
             labelled=bool(instruments),
@@ -506,6 +564,7 @@ def train_batches(
     rank: int | None = None,
     world_size: int | None = None,
     bad_shards: str = "stop",
+    cache: SampleCache | None = None,
 ) -> Iterable[dict]:
     """One epoch of training batches for this rank: exactly `batches_per_epoch` of them on every rank.
 
@@ -516,6 +575,7 @@ def train_batches(
     Identical for the same (seed, epoch, rank, world_size) and num_workers. With num_workers > 0 the result is a webdataset WebLoader over DataLoader workers; with 0
     it is a plain iterable dataset that may also be wrapped in `DataLoader(..., batch_size=None)`.
     A shard that does not read stops the run (`bad_shards="stop"`) or is skipped with a warning ("skip").
+    The same `cache` passed to every epoch keeps the shards decoded in memory after their first reading.
     """
     for name, value, least in (("batch_size", batch_size, 1), ("views", views, 1), ("mix_max", mix_max, 1)):
         if value < least:
@@ -528,6 +588,9 @@ def train_batches(
         raise UserError(f"bad_shards={bad_shards!r}: choose one of {', '.join(BAD_SHARD_POLICIES)}")
     if (batches_per_epoch is not None and batches_per_epoch < 1) or num_workers < 0:
         raise UserError(f"batches_per_epoch={batches_per_epoch}, num_workers={num_workers}: need >= 1 and >= 0")
+    if cache is not None and num_workers > 0:
+        raise UserError(f"num_workers={num_workers} with a sample cache: DataLoader workers start afresh every epoch "
+                        "and would drop it; set data.num_workers=0 or data.cache_gb=0")
     rank, world_size = _distributed(rank, world_size)
     urls = shard_urls(spec)
     counts = _shard_counts(urls)
@@ -549,7 +612,7 @@ def train_batches(
         partial(_endless_shards, plan),
         partial(_split_by_rank, plan=plan),
         partial(_split_by_worker, plan=plan),
-        partial(_read, plan=plan, bad_shards=bad_shards),
+        partial(_read, plan=plan, bad_shards=bad_shards, cache=cache),
         partial(_shuffle, plan=plan, buffer=shuffle_buffer),
         partial(_examples, plan=plan, seconds=clip_seconds, sample_rate=sample_rate, views=views),
         partial(_mix, plan=plan, mix_max=mix_max, probability=mix_probability, same_genre=same_genre_mix),
@@ -668,8 +731,15 @@ class DataConfig:
     batches_per_epoch: int | None = None  # default: one pass over the shards
     num_workers: int = 0
     bad_shards: BadShards = "stop"  # a shard that does not read: stop the run, or skip it
+    cache_gb: float = 0.0  # keep up to this many GiB of training audio decoded in memory across epochs (num_workers 0)
 
-    def batches(self, *, batch_size: int, seed: int, epoch: int) -> Iterable[Batch]:
+    def sample_cache(self) -> SampleCache | None:
+        """The SampleCache that `cache_gb` asks for (one per run: pass it to every epoch's `batches`), or None."""
+        if self.cache_gb < 0:
+            raise UserError(f"data.cache_gb={self.cache_gb}: must be at least 0 (0 decodes every epoch)")
+        return SampleCache(self.cache_gb) if self.cache_gb > 0 else None
+
+    def batches(self, *, batch_size: int, seed: int, epoch: int, cache: SampleCache | None = None) -> Iterable[Batch]:
         """`train_batches` over `train` with this section's settings."""
-        stream = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("train", "val")}
-        return train_batches(self.train, batch_size=batch_size, seed=seed, epoch=epoch, **stream)
+        stream = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("train", "val", "cache_gb")}
+        return train_batches(self.train, batch_size=batch_size, seed=seed, epoch=epoch, cache=cache, **stream)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,10 +107,13 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
 def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, run_module, tmp_path):
     settings = {"steps": 16, "checkpoint_every": 4, "image_every": 8}
     whole = tiny_recipe(tmp_path / "whole.yaml", shards, tmp_path / "whole", **settings)
+    # The whole run keeps its shards decoded in memory from its first epoch on; the killed and resumed one reads
+    # them every epoch: both must end with the same parameters.
     result = run_module("pretrain", str(whole), "tracking=wandb", f"probe.train={shards[0]}", f"probe.val={shards[0]}",
-                        env={"OMP_NUM_THREADS": "1"})
+                        "data.cache_gb=0.5", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrained 16 steps" in result.stdout and str(tmp_path / "whole" / "backbone") in result.stdout
+    assert json.loads((tmp_path / "whole" / "trainer_state.json").read_text())["epoch"] >= 1  # epochs from the cache
     assert "step 16 validation: probe_lrap" in result.stdout + result.stderr  # the frozen-feature probe ran
 
     killed = tiny_recipe(tmp_path / "killed.yaml", shards, tmp_path / "killed", **settings)

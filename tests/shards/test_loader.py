@@ -14,7 +14,7 @@ import webdataset as wds
 
 from core.errors import UserError
 from shards import vocab
-from shards.loader import eval_samples, sample_count, shard_urls, train_batches
+from shards.loader import DataConfig, SampleCache, eval_samples, sample_count, shard_urls, train_batches
 from shards.pack import PackOptions, pack
 
 RATE = 16000
@@ -201,6 +201,44 @@ def test_same_seed_epoch_rank_replays_identically(data):
     assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(first, second))
     other = _batches(_both(outdir), **{**args, "epoch": 2})
     assert [b["key"] for b in first] != [b["key"] for b in other]
+
+
+def _same(first: list[dict], second: list[dict]) -> bool:
+    return len(first) == len(second) and all(
+        a["key"] == b["key"] and torch.equal(a["audio"], b["audio"]) and torch.equal(a["targets"], b["targets"])
+        for a, b in zip(first, second))
+
+
+def test_a_sample_cache_replays_every_epoch_bit_for_bit_without_reading_the_shards_again(data, tmp_path):
+    outdir, _ = data
+    shutil.copytree(outdir, tmp_path / "out")
+    shutil.copytree(outdir.parent / "unlabeled", tmp_path / "unlabeled")
+    spec = _both(tmp_path / "out")  # stereo 1 s clips (mono-mixed, padded) and 2 s segments (cropped)
+    args = dict(clip_seconds=1.5, mix_max=3, mix_probability=0.7, views=2, rank=1, world_size=2)
+    expected = [_batches(spec, epoch=epoch, **args) for epoch in range(3)]
+    small = SampleCache(400_000 / 2**30)  # room for one shard of six 1 s stereo clips (int16: 384 KB)
+    assert _same(_batches(spec, epoch=0, cache=small, **args), expected[0]) and len(small.shards) == 1
+    assert _same(_batches(spec, epoch=1, cache=small, **args), expected[1])  # the others are read again
+    cache = SampleCache(1.0)
+    assert _same(_batches(spec, epoch=0, cache=cache, **args), expected[0])
+    for epoch in (1, 2):  # the epochs deal other shards to this rank, so the cache grows until it holds them all
+        assert _same(_batches(spec, epoch=epoch, cache=cache, **args), expected[epoch])
+    assert sorted(cache.shards) == sorted(shard_urls(spec))
+    assert all(sample["pcm"].dtype == np.int16 for samples in cache.shards.values() for sample in samples)
+    for url in shard_urls(spec):
+        Path(url).write_bytes(b"")  # the shards are gone; only the cache can answer now
+    with pytest.raises(UserError, match="unreadable shard"):
+        _batches(spec, epoch=1, **args)
+    assert _same(_batches(spec, epoch=1, cache=cache, **args), expected[1])
+
+
+def test_a_sample_cache_is_refused_with_workers_or_a_negative_size(data):
+    outdir, _ = data
+    with pytest.raises(UserError, match="num_workers=2 .*data.cache_gb=0"):
+        train_batches(outdir, batch_size=4, num_workers=2, cache=SampleCache(1.0))
+    with pytest.raises(UserError, match="data.cache_gb=-1"):
+        DataConfig(train=str(outdir), cache_gb=-1).sample_cache()
+    assert DataConfig(train=str(outdir)).sample_cache() is None
 
 
 @pytest.mark.parametrize("shard_size", [6, 256], ids=["uneven-shards", "fewer-shards-than-ranks"])
