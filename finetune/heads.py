@@ -17,7 +17,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 Kind = Literal["linear", "mlp", "fluffy"]
-Pooling = Literal["cls", "mean", "attention"]
+Pooling = Literal["cls", "mean", "meanmax", "attention"]
 HEADS, POOLINGS = get_args(Kind), get_args(Pooling)
 
 
@@ -27,7 +27,8 @@ class HeadConfig:
 
     kind: Kind = "fluffy"
     # cls: mean of cls & distillation tokens (AST pooler_output); mean: mean of the patch tokens, AudioMAE's probe
-    # input (an MAE-pretrained cls token never gets a training signal); attention: learned queries
+    # input (an MAE-pretrained cls token never gets a training signal); meanmax: mean plus max of the patch tokens
+    # (PANNs' clip pooling: the max keeps what one region holds); attention: learned queries
     pooling: Pooling = "cls"
     hidden: int = 256  # mlp hidden width; fluffy: width of each instrument's head
     dropout: float = 0.1
@@ -126,6 +127,8 @@ class Head(nn.Module):
         """What the classifier reads: the cls/distillation embedding, the mean patch token or the attention-pooled tokens."""
         if self.config.pooling == "mean":
             return tokens.mean(dim=1)
+        if self.config.pooling == "meanmax":
+            return tokens.mean(dim=1) + tokens.amax(dim=1)
         if self.pool is None:
             return embedding
         pooled = self.pool(tokens)
