@@ -320,9 +320,10 @@ def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str, cache: SampleCac
             yield from (cached[index - shard["start"]] for index in shard["picks"])
             continue
         picks, seen, kept = set(shard["picks"]), 0, []
+        keep = cache is not None and cache.wants(shard["url"])
         try:
             for sample in _tar_samples(shard["url"]):
-                if cache is not None and cache.has_room:
+                if keep:
                     sample = _decoded(sample)
                     kept.append(sample)
                 if shard["start"] + seen in picks:
@@ -338,7 +339,7 @@ def _read(src: Iterator[dict], *, plan: _Plan, bad_shards: str, cache: SampleCac
             bad.add(shard["url"])
             print(f"warning: {error}; skipped from now on ({len(bad)} bad shard(s) so far)", file=sys.stderr)
             continue
-        if kept and len(kept) == seen:
+        if keep and len(kept) == seen:
             cache.add(shard["url"], kept)
 
 
@@ -347,24 +348,28 @@ class SampleCache:
 
     Whole shards are kept, in the order they are first read, while the decoded audio they hold stays under
     `max_gb` GiB (16-bit FLAC as int16: 96 KB per 3 s clip at 16 kHz); a shard that would not fit is read from
-    disk every epoch. Batches are the same, bit for bit, as without the cache. Pass one cache to every epoch's
-    `train_batches` in the same process: DataLoader workers start afresh each epoch, so it needs num_workers=0.
+    disk every epoch, decoded whole only the first time (to learn its size). Batches are the same, bit for bit, as
+    without the cache. Pass one cache to every epoch's `train_batches` in the same process: DataLoader workers start
+    afresh each epoch, so it needs num_workers=0.
     """
 
     def __init__(self, max_gb: float) -> None:
         self.max_bytes = int(max_gb * 2**30)
         self.bytes = 0
         self.shards: dict[str, list[dict]] = {}
+        self.too_large: set[str] = set()  # shards that did not fit when they were offered
 
-    @property
-    def has_room(self) -> bool:
-        return self.bytes < self.max_bytes
+    def wants(self, url: str) -> bool:
+        """Whether reading the shard at `url` should decode it whole for the cache."""
+        return self.bytes < self.max_bytes and url not in self.too_large
 
     def add(self, url: str, samples: list[dict]) -> None:
         size = sum(sample["pcm"].nbytes for sample in samples)
         if self.bytes + size <= self.max_bytes:
             self.shards[url] = samples
             self.bytes += size
+        else:
+            self.too_large.add(url)
 
 
 def _decoded(sample: dict) -> dict:

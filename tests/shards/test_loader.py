@@ -218,6 +218,7 @@ def test_a_sample_cache_replays_every_epoch_bit_for_bit_without_reading_the_shar
     expected = [_batches(spec, epoch=epoch, **args) for epoch in range(3)]
     small = SampleCache(400_000 / 2**30)  # room for one shard of six 1 s stereo clips (int16: 384 KB)
     assert _same(_batches(spec, epoch=0, cache=small, **args), expected[0]) and len(small.shards) == 1
+    assert small.too_large and not small.too_large & set(small.shards)  # the others are not decoded whole again
     assert _same(_batches(spec, epoch=1, cache=small, **args), expected[1])  # the others are read again
     cache = SampleCache(1.0)
     assert _same(_batches(spec, epoch=0, cache=cache, **args), expected[0])
