@@ -120,8 +120,8 @@ class LogMel(nn.Module):
         The same arithmetic in an order that touches the (B, frames, window) tensor twice instead of six times (the
         frontend takes 16-22 ms instead of 32-43 for 32 clips of 3 s on 2 CPU cores): pre-emphasis is linear, so it
         runs once on the waveform, and the frame's mean comes off afterwards as (1 - PREEMPHASIS) x mean; a frame's
-        first sample meets the window's zero, so Kaldi's rule for it drops out. Removing the clip's mean first changes nothing but the rounding (every frame
-        loses its own mean anyway) and keeps that subtraction small."""
+        first sample meets the window's zero, so Kaldi's rule for it drops out. Removing the clip's mean first changes
+        nothing but the rounding (every frame loses its own mean anyway) and keeps that subtraction small."""
         config, window = self.config, self.window.float()
         waveform = waveform - waveform.mean(dim=-1, keepdim=True)
         emphasised = F.pad(waveform[..., 1:] - PREEMPHASIS * waveform[..., :-1], (1, 0))  # sample 0: see above
