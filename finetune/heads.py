@@ -1,4 +1,4 @@
-"""Classification heads on top of the backbone: linear, MLP and Fluffy, with cls, mean or attention pooling.
+"""Classification heads on top of the backbone: linear, MLP and Fluffy, with cls, mean, max or attention pooling.
 
 `linear` is exactly transformers' `ASTMLPHead` (LayerNorm + Linear on the pooled cls/distillation embedding, parameter
 names `layernorm` and `dense`), so a linear-head model exports as an `ASTForAudioClassification` folder. `fluffy` gives
@@ -17,7 +17,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 Kind = Literal["linear", "mlp", "fluffy"]
-Pooling = Literal["cls", "mean", "meanmax", "attention"]
+Pooling = Literal["cls", "mean", "max", "meanmax", "attention"]
 HEADS, POOLINGS = get_args(Kind), get_args(Pooling)
 
 
@@ -27,8 +27,9 @@ class HeadConfig:
 
     kind: Kind = "fluffy"
     # cls: mean of cls & distillation tokens (AST pooler_output); mean: mean of the patch tokens, AudioMAE's probe
-    # input (an MAE-pretrained cls token never gets a training signal); meanmax: mean plus max of the patch tokens
-    # (PANNs' clip pooling: the max keeps what one region holds); attention: learned queries
+    # input (an MAE-pretrained cls token never gets a training signal); max: each feature's largest value over the
+    # patch tokens (what one region holds decides; cpu-synth.yaml measures it against the others); meanmax: mean plus
+    # max (PANNs' clip pooling); attention: learned queries
     pooling: Pooling = "cls"
     hidden: int = 256  # mlp hidden width; fluffy: width of each instrument's head
     dropout: float = 0.1
@@ -124,9 +125,12 @@ class Head(nn.Module):
             self.classifier = FluffyHead(dim=dim, classes=classes, hidden=config.hidden, dropout=config.dropout, eps=eps)
 
     def pooled(self, tokens: Tensor, embedding: Tensor) -> Tensor:
-        """What the classifier reads: the cls/distillation embedding, the mean patch token or the attention-pooled tokens."""
+        """What the classifier reads: the cls/distillation embedding, the mean or max patch token (or both), or the
+        attention-pooled tokens."""
         if self.config.pooling == "mean":
             return tokens.mean(dim=1)
+        if self.config.pooling == "max":
+            return tokens.amax(dim=1)
         if self.config.pooling == "meanmax":
             return tokens.mean(dim=1) + tokens.amax(dim=1)
         if self.pool is None:

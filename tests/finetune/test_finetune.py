@@ -82,7 +82,7 @@ CASES = {
     "fluffy-parallel-adapter-focal": dict(head__kind="fluffy", adapt__mode="adapter", adapt__adapter_style="parallel",
                                           loss__kind="focal", loss__label_smoothing=0.1),
     "linear-lora": dict(head__kind="linear", adapt__mode="lora"),
-    "linear-meanmax-full-patchout": dict(head__kind="linear", head__pooling="meanmax", augment__patchout=0.5),
+    "linear-max-full-patchout": dict(head__kind="linear", head__pooling="max", augment__patchout=0.5),
 }
 
 
@@ -142,13 +142,17 @@ def test_head_and_mode_train_and_loss_falls(case, data, backbone_dir, tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() == exportable
 
 
-def test_meanmax_pooling_is_the_mean_plus_the_largest_patch_token():
-    head = Head(config=HeadConfig(kind="linear", pooling="meanmax"), dim=4, classes=2)
+@pytest.mark.parametrize("pooling, expected", [
+    ("max", [[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0]]),
+    ("meanmax", [[0.0, 6.0, 0.0, 0.0], [0.0, 0.0, 0.0, -2.0]]),
+])
+def test_max_poolings_keep_the_largest_patch_token(pooling, expected):
+    head = Head(config=HeadConfig(kind="linear", pooling=pooling), dim=4, classes=2)
     tokens = torch.zeros(2, 5, 4)
     tokens[0, 2, 1] = 5.0  # one patch holds a feature: mean 1, max 5
     tokens[1, :, 3] = -1.0  # every patch holds it negatively: mean -1, max -1
     pooled = head.pooled(tokens, torch.zeros(2, 4))
-    torch.testing.assert_close(pooled, torch.tensor([[0.0, 6.0, 0.0, 0.0], [0.0, 0.0, 0.0, -2.0]]))
+    torch.testing.assert_close(pooled, torch.tensor(expected))
 
 
 def test_patchout_drops_patches_while_training_only(data, backbone_dir):
