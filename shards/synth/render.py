@@ -22,7 +22,7 @@ from core.errors import UserError
 from shards.synth.music import Colour, Part
 from shards.synth.plans import Clip
 
-SAMPLE_RATE = 44100
+SAMPLE_RATE = 44100  # IRMAS's rate, the default; any multiple of 100 Hz keeps stems aligned (below)
 FLUIDR3 = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 INSTALL_HINT = "install FluidSynth and a General MIDI SoundFont (apt-get install fluidsynth fluid-soundfont-gm, " \
                "or brew install fluid-synth)"
@@ -30,24 +30,25 @@ BATCH_SECONDS = 120.0  # stem audio rendered by one FluidSynth process
 GAP_SECONDS = 0.25  # silence between two stems in a batch (voices are killed at each stem's end)
 TICKS_PER_SECOND = 1000  # MIDI clock of the batch files: 1 tick = 1 ms (tempo 60 bpm, 1000 ticks per beat)
 # FluidSynth plays MIDI events at the first 64-sample block after their time, so stems start on multiples of
-# 640 ms (= 441 blocks at 44.1 kHz): every stem then sounds the same, sample for sample, wherever it is rendered.
+# 640 ms (= rate / 100 blocks: 441 at 44.1 kHz, 160 at 16 kHz): every stem then sounds the same, sample for sample,
+# wherever it is rendered, at any rate that is a multiple of 100 Hz.
 ALIGN_TICKS = 640
 DRUM_CHANNEL = 9
 NOTE_OFF, NOTE_ON, PROGRAM_CHANGE, CONTROL_CHANGE = 0x80, 0x90, 0xC0, 0xB0  # MIDI status bytes (| channel)
 
 
-def colour(audio: np.ndarray, tone: Colour) -> np.ndarray:
+def colour(audio: np.ndarray, tone: Colour, sample_rate: int) -> np.ndarray:
     """`audio` (frames, channels) through the EQ `tone`, by FFT (float64), zero-padded to a fast length."""
-    n = _fast_length(len(audio) + SAMPLE_RATE // 10)
+    n = _fast_length(len(audio) + sample_rate // 10)
     spectrum = np.fft.rfft(audio.astype(np.float64), n=n, axis=0)
-    spectrum *= _gain(tone, n)[:, None]
+    spectrum *= _gain(tone, n, sample_rate)[:, None]
     return np.fft.irfft(spectrum, n=n, axis=0)[: len(audio)]
 
 
 @lru_cache(maxsize=4)
-def _gain(tone: Colour, n: int) -> np.ndarray:
+def _gain(tone: Colour, n: int, sample_rate: int) -> np.ndarray:
     """The EQ's gain at the frequencies of an n-point rfft, made once for all the stems of a clip."""
-    return tone.gain(np.fft.rfftfreq(n, 1 / SAMPLE_RATE))
+    return tone.gain(np.fft.rfftfreq(n, 1 / sample_rate))
 
 
 def _fast_length(n: int) -> int:
@@ -113,9 +114,9 @@ def write_midi(stems: Sequence[tuple[float, list[Part]]], path: Path) -> list[in
     return starts
 
 
-def fluidsynth(midi: Path, wav: Path, soundfont: Path) -> None:
-    """Render `midi` to float stereo wav at 44.1 kHz; no reverb or chorus (their tails would cross stems)."""
-    command = ["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.5", "-r", str(SAMPLE_RATE),
+def fluidsynth(midi: Path, wav: Path, soundfont: Path, sample_rate: int) -> None:
+    """Render `midi` to float stereo wav; no reverb or chorus (their tails would cross stems)."""
+    command = ["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.5", "-r", str(sample_rate),
                "-o", "synth.dynamic-sample-loading=1", "-o", "synth.polyphony=512",
                "-T", "wav", "-O", "float", "-F", str(wav), str(soundfont), str(midi)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -125,16 +126,17 @@ def fluidsynth(midi: Path, wav: Path, soundfont: Path) -> None:
                            f"{message[-1] if message else 'no output'}")
 
 
-def render_stems(stems: Sequence[tuple[float, list[Part]]], soundfont: Path, workdir: Path) -> list[np.ndarray]:
-    """Each stem as a (frames, 2) float32 array, rendered together by one FluidSynth process."""
+def render_stems(stems: Sequence[tuple[float, list[Part]]], soundfont: Path, workdir: Path, *,
+                 sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+    """Each stem as a (frames, 2) float32 array at `sample_rate`, rendered together by one FluidSynth process."""
     midi, wav = workdir / "batch.mid", workdir / "batch.wav"
     starts = write_midi(stems, midi)
-    fluidsynth(midi, wav, soundfont)
+    fluidsynth(midi, wav, soundfont, sample_rate)
     audio, rate = sf.read(wav, dtype="float32", always_2d=True)
-    assert rate == SAMPLE_RATE, rate
+    assert rate == sample_rate, rate
     out = []
     for start, (seconds, _) in zip(starts, stems):
-        first, frames = round(start * SAMPLE_RATE / TICKS_PER_SECOND), round(seconds * SAMPLE_RATE)
+        first, frames = round(start * sample_rate / TICKS_PER_SECOND), round(seconds * sample_rate)
         piece = audio[first: first + frames]
         out.append(np.pad(piece, ((0, frames - len(piece)), (0, 0))))
     return out
@@ -144,10 +146,10 @@ def _rms(audio: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
 
 
-def mix(clip: Clip, stems: Sequence[np.ndarray], soundfont: Path) -> np.ndarray:
+def mix(clip: Clip, stems: Sequence[np.ndarray], soundfont: Path, sample_rate: int) -> np.ndarray:
     """Colour each stem, scale it to its level (by RMS), sum, set the loudness and keep the peak below full scale."""
     total = np.zeros_like(stems[0], dtype=np.float64)
-    for audio, level in zip((colour(stem, clip.tone) for stem in stems), clip.levels):
+    for audio, level in zip((colour(stem, clip.tone, sample_rate) for stem in stems), clip.levels):
         rms = _rms(audio)
         if rms < 1e-6:
             raise UserError(f"{soundfont}: rendered silence for programs "
@@ -161,18 +163,19 @@ def mix(clip: Clip, stems: Sequence[np.ndarray], soundfont: Path) -> np.ndarray:
     return total.astype(np.float32)
 
 
-def render_batch(clips: Sequence[Clip], soundfont: Path, out: Path) -> list[dict]:
+def render_batch(clips: Sequence[Clip], soundfont: Path, out: Path, sample_rate: int = SAMPLE_RATE) -> list[dict]:
     """Render, mix and write a batch of clips (atomically: temp name, then rename); their summaries."""
     with tempfile.TemporaryDirectory(prefix="timbre-synth-") as tmp:
-        stems = render_stems([(clip.seconds, parts) for clip in clips for parts in clip.stems], soundfont, Path(tmp))
+        stems = render_stems([(clip.seconds, parts) for clip in clips for parts in clip.stems], soundfont, Path(tmp),
+                             sample_rate=sample_rate)
     summaries, cursor = [], 0
     for clip in clips:
-        audio = mix(clip, stems[cursor: cursor + len(clip.stems)], soundfont)
+        audio = mix(clip, stems[cursor: cursor + len(clip.stems)], soundfont, sample_rate)
         cursor += len(clip.stems)
         path = out / clip.path
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(path.name + ".tmp")
-        sf.write(temp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        sf.write(temp, audio, sample_rate, subtype="PCM_16", format="WAV")
         os.replace(temp, path)
         if clip.labels:
             path.with_suffix(".txt").write_text("".join(f"{code}{clip.label_suffix}\n" for code in clip.labels))

@@ -115,6 +115,34 @@ def test_same_seed_same_bytes_whatever_the_workers(tree, tmp_path):
     assert [c.path for c in other] != [c.path for c in plans.test_clips(OPTIONS["seed"], 4)]
 
 
+def test_sample_rate_option_renders_at_that_rate(tmp_path):
+    """At 16 kHz (the models' rate) clips have their lengths at that rate, every stem still lands on FluidSynth's
+    blocks (the batch a clip shares changes nothing), the EQ follows the rate, and off-grid rates are refused."""
+    options = dict(train_per_class=2, test_files=1, unlabeled=0, seed=4, sample_rate=16000, progress=False)
+    one, two = tmp_path / "one", tmp_path / "two"
+    synth.synthesize(one, workers=1, **options)
+    summary = synth.synthesize(two, workers=2, **options)
+    assert summary["options"]["sample_rate"] == 16000
+    for a in wavs(one):
+        info = sf.info(a)
+        assert info.samplerate == 16000 and info.subtype == "PCM_16", a
+        if TRAIN_DIR in str(a):
+            assert info.frames == round(plans.TRAIN_SECONDS * 16000), a
+        assert a.read_bytes() == (two / a.relative_to(one)).read_bytes(), a
+    clip = plans.train_clips(4, 2)[0]
+    alone = render.render_stems([(clip.seconds, clip.stems[0])], render.default_soundfont(), tmp_path,
+                                sample_rate=16000)[0]
+    mixture, _ = sf.read(one / clip.path, dtype="float32", always_2d=True)
+    gains, unexplained = fit(mixture, [render.colour(alone, clip.tone, 16000)] + [
+        render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp_path,
+                                          sample_rate=16000)[0], clip.tone, 16000) for parts in clip.stems[1:]])
+    assert unexplained < 1e-3
+    result = subprocess.run([sys.executable, "-m", "shards", "synth", str(tmp_path / "odd"), "--train-per-class", "1",
+                             "--sample-rate", "22050"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a multiple of 100 Hz" in result.stderr
+    assert not (tmp_path / "odd").exists()
+
+
 def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """Least-squares gains of `stems` that best explain `mixture`, and the unexplained energy fraction."""
     basis = np.stack([s.reshape(-1) for s in stems], axis=1).astype(np.float64)
@@ -127,7 +155,8 @@ def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float
 def contributions(tree: Path, clip: plans.Clip, tmp: Path) -> list[float]:
     """RMS (dB) of each stem inside the written file, found by rendering each stem alone, afresh."""
     mixture, _ = sf.read(tree / clip.path, dtype="float32", always_2d=True)
-    stems = [render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp)[0], clip.tone)
+    stems = [render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp)[0], clip.tone,
+                           render.SAMPLE_RATE)
              for parts in clip.stems]
     gains, unexplained = fit(mixture, stems)
     assert unexplained < 1e-3, (clip.path, unexplained)  # the file is its stems: nothing bleeds from batch neighbours
