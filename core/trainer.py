@@ -81,6 +81,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguratio
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.files import write_json
 from core.progress import progress_bar
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
@@ -378,7 +379,7 @@ class _Run:
         if accelerator.is_main_process:
             state = {"step": self.step, "steps": self.config.steps, "epoch": self.stream.epoch, "finished": finished,
                      **self.summary}
-            _write_state(self.output_dir / "trainer_state.json", state)
+            write_json(self.output_dir / "trainer_state.json", state)
             metrics = self.export(accelerator.unwrap_model(self.model), self.output_dir, state) if self.export else None
             if metrics:
                 accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=self.step)
@@ -457,13 +458,6 @@ def _checkpoint(
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _write_state(path: Path, state: dict) -> None:
-    """Write `state` as JSON through a temporary file and a rename: a kill mid-write leaves the previous one whole."""
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(state, indent=1))
-    os.replace(temporary, path)
 
 
 def _previous_summary(output_dir: Path) -> dict:

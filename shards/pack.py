@@ -46,6 +46,7 @@ import torch
 import webdataset as wds
 
 from core.errors import UserError, positive_float, positive_int
+from core.files import write_json
 from core.progress import progress_bar
 from shards.audio import BadAudio, convert, encode_flac, is_silent, read_segments
 from shards.format import FORMAT, MANIFEST, SHARD_NAME, TEMP_SUFFIX, VERSION, SampleMeta
@@ -253,18 +254,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: dict, *, indent: int | None = 1) -> None:
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    temp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-
-
 # ---------------------------------------------------------------- resume state
 
 
 def _save_state(outdir: Path, state: dict) -> None:
     """The resume state, rewritten after every shard: compact JSON, which encodes several times faster than indented."""
-    _write_json(outdir / STATE, state, indent=None)
+    write_json(outdir / STATE, state, indent=None, temporary_suffix=TEMP_SUFFIX)
 
 
 def shuffled(records: list[Record], *, seed: int, split: str) -> list[Record]:
@@ -390,7 +385,7 @@ def pack(input_path: str | os.PathLike, outdir: str | os.PathLike, *, options: P
 
     counts = {split: assigned.count(split) for split in splits}
     manifest = build_manifest(found, counts, state, options, input_path)
-    _write_json(outdir / MANIFEST, manifest)
+    write_json(outdir / MANIFEST, manifest, temporary_suffix=TEMP_SUFFIX)
     _print_summary(manifest, outdir, print_fn)
     return manifest
 
