@@ -41,7 +41,8 @@ from core.errors import UserError, non_negative_int, output_folder, positive_int
 from core.progress import progress_bar
 from shards.sources import TRAIN_DIR
 from shards.synth.plans import TEST_DIR, UNLABELED_DIR, Clip, seeded_rng, test_clips, train_clips, unlabeled_clips
-from shards.synth.render import FLUIDR3, SAMPLE_RATE, batches, check_tools, default_soundfont, render_batch
+from shards.synth.render import (FLUIDR3, SAMPLE_RATE, aligned, batches, check_tools, default_soundfont,
+                                 render_batch)
 
 SUMMARY = "synth.json"
 FORMAT = "timbre-synth"
@@ -110,7 +111,7 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
                         ("--unlabeled", unlabeled)):
         if value < 0:
             raise UserError(f"{name}: {value} is negative; pass a count >= 0")
-    if sample_rate % 100:
+    if not aligned(sample_rate):
         raise UserError(f"--sample-rate: {sample_rate} Hz is not a multiple of 100 Hz (stems would not align with "
                         "FluidSynth's 64-sample blocks); pass 16000, 32000, 44100 or 48000, for example")
     out = Path(out)

@@ -33,6 +33,7 @@ TICKS_PER_SECOND = 1000  # MIDI clock of the batch files: 1 tick = 1 ms (tempo 6
 # 640 ms (= rate / 100 blocks: 441 at 44.1 kHz, 160 at 16 kHz): every stem then sounds the same, sample for sample,
 # wherever it is rendered, at any rate that is a multiple of 100 Hz.
 ALIGN_TICKS = 640
+FLUIDSYNTH_BLOCK = 64  # samples
 DRUM_CHANNEL = 9
 NOTE_OFF, NOTE_ON, PROGRAM_CHANGE, CONTROL_CHANGE = 0x80, 0x90, 0xC0, 0xB0  # MIDI status bytes (| channel)
 
@@ -65,6 +66,11 @@ def _fast_length(n: int) -> int:
 
 
 # --- Rendering ---------------------------------------------------------------------------
+
+
+def aligned(sample_rate: int) -> bool:
+    """Whether stems starting every ALIGN_TICKS start on FluidSynth's blocks at `sample_rate` (multiples of 100 Hz)."""
+    return sample_rate * ALIGN_TICKS % (TICKS_PER_SECOND * FLUIDSYNTH_BLOCK) == 0
 
 
 def _ticks(seconds: float) -> int:

@@ -130,12 +130,8 @@ def test_sample_rate_option_renders_at_that_rate(tmp_path):
             assert info.frames == round(plans.TRAIN_SECONDS * 16000), a
         assert a.read_bytes() == (two / a.relative_to(one)).read_bytes(), a
     clip = plans.train_clips(4, 2)[0]
-    alone = render.render_stems([(clip.seconds, clip.stems[0])], render.default_soundfont(), tmp_path,
-                                sample_rate=16000)[0]
     mixture, _ = sf.read(one / clip.path, dtype="float32", always_2d=True)
-    gains, unexplained = fit(mixture, [render.colour(alone, clip.tone, 16000)] + [
-        render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp_path,
-                                          sample_rate=16000)[0], clip.tone, 16000) for parts in clip.stems[1:]])
+    _, unexplained = fit(mixture, stems_alone(clip, tmp_path, sample_rate=16000))
     assert unexplained < 1e-3
     result = subprocess.run([sys.executable, "-m", "shards", "synth", str(tmp_path / "odd"), "--train-per-class", "1",
                              "--sample-rate", "22050"], capture_output=True, text=True)
@@ -152,12 +148,17 @@ def fit(mixture: np.ndarray, stems: list[np.ndarray]) -> tuple[np.ndarray, float
     return gains, float(residual @ residual / (target @ target))
 
 
+def stems_alone(clip: plans.Clip, tmp: Path, *, sample_rate: int = render.SAMPLE_RATE) -> list[np.ndarray]:
+    """Each stem of `clip` rendered alone, afresh, and coloured with the clip's tone."""
+    return [render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp,
+                                              sample_rate=sample_rate)[0], clip.tone, sample_rate)
+            for parts in clip.stems]
+
+
 def contributions(tree: Path, clip: plans.Clip, tmp: Path) -> list[float]:
     """RMS (dB) of each stem inside the written file, found by rendering each stem alone, afresh."""
     mixture, _ = sf.read(tree / clip.path, dtype="float32", always_2d=True)
-    stems = [render.colour(render.render_stems([(clip.seconds, parts)], render.default_soundfont(), tmp)[0], clip.tone,
-                           render.SAMPLE_RATE)
-             for parts in clip.stems]
+    stems = stems_alone(clip, tmp)
     gains, unexplained = fit(mixture, stems)
     assert unexplained < 1e-3, (clip.path, unexplained)  # the file is its stems: nothing bleeds from batch neighbours
     return [20 * np.log10(abs(g) * np.sqrt(np.mean(s.astype(np.float64) ** 2))) for g, s in zip(gains, stems)]
