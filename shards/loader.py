@@ -684,6 +684,33 @@ def _fit(audio: np.ndarray, length: int) -> np.ndarray:
 
 
 MIXTURE_SIZES = {1: 0.2, 2: 0.35, 3: 0.3, 4: 0.15}  # instruments per IRMAS-like test file (shards.synth's test set)
+FILE_SECONDS = (5.0, 20.0)  # the length of IRMAS test excerpts (and of shards.synth's)
+
+
+def _pick_parts(rng: random.Random, groups: Sequence[list[dict]], size: int) -> list[list[dict]]:
+    """Up to `size` of `groups` (each: samples of one song and instrument), of different songs and instruments."""
+    parts: list[list[dict]] = []
+    for candidate in rng.sample(groups, len(groups)):
+        if len(parts) == size:
+            break
+        first = candidate[0]
+        if all(first["song"] != part[0]["song"] and not set(first["instruments"]) & set(part[0]["instruments"])
+               for part in parts):
+            parts.append(candidate)
+    return parts
+
+
+def _mixed_sample(parts: Sequence[dict], length: int, rng: random.Random) -> _Example:
+    """One sample of each part, cut or zero-padded to `length`, summed by the training mixtures' loudness rule."""
+    examples = [_Example(audio=_fit(part["audio"].numpy(), length)[None], instruments=frozenset(part["instruments"]),
+                         genre=part["genre"], labelled=True, key=part["key"], song=part["song"]) for part in parts]
+    return _mix_examples(examples, rng) if len(examples) > 1 else examples[0]
+
+
+def _labelled_sample(audio: np.ndarray, instruments: frozenset[str], key: str) -> dict:
+    labels = sorted(instruments)
+    return dict(audio=torch.from_numpy(audio.astype(np.float32)), instruments=labels,
+                targets=torch.from_numpy(vocab.multi_hot(labels)), key=key)
 
 
 def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
@@ -695,27 +722,49 @@ def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
     the first sample's length); `targets` is the union of their labels. Thresholds tuned on these fit files with
     1-4 instruments, where ones tuned on single clips sit too high. Deterministic for the same samples and seed.
     """
-    labelled = [sample for sample in samples if sample["labelled"]]
+    labelled = [[sample] for sample in samples if sample["labelled"]]
     if not labelled:
         return []
     rng = random.Random(f"{seed}:validation-mixtures")
     out = []
     for _ in range(count):
         size = rng.choices(list(sizes), weights=list(sizes.values()))[0]
-        parts: list[dict] = []
-        for candidate in rng.sample(labelled, len(labelled)):
-            if len(parts) == size:
-                break
-            if all(candidate["song"] != part["song"] and not set(candidate["instruments"]) & set(part["instruments"])
-                   for part in parts):
-                parts.append(candidate)
-        length = parts[0]["audio"].shape[-1]
-        examples = [_Example(audio=_fit(part["audio"].numpy(), length)[None], instruments=frozenset(part["instruments"]),
-                             genre=part["genre"], labelled=True, key=part["key"], song=part["song"]) for part in parts]
-        mixed = _mix_examples(examples, rng) if len(examples) > 1 else examples[0]
-        instruments = sorted(mixed.instruments)
-        out.append(dict(audio=torch.from_numpy(mixed.audio[0].astype(np.float32)), instruments=instruments,
-                        targets=torch.from_numpy(vocab.multi_hot(instruments)), key=mixed.key))
+        parts = [part[0] for part in _pick_parts(rng, labelled, size)]
+        mixed = _mixed_sample(parts, parts[0]["audio"].shape[-1], rng)
+        out.append(_labelled_sample(mixed.audio[0], mixed.instruments, mixed.key))
+    return out
+
+
+def validation_files(samples: Sequence[dict], *, count: int, seed: int = 0, sizes: dict[int, float] = MIXTURE_SIZES,
+                     seconds: tuple[float, float] = FILE_SECONDS) -> list[dict]:
+    """`count` whole test-like files, longer than one clip, from single-instrument `eval_samples` outputs.
+
+    Each draws a number of instruments from `sizes` and one held-out song per instrument (different songs), and a
+    length in `seconds`; its audio is the songs' clips in turn, the k-th clip of every part summed as
+    `validation_mixtures` sums them (a song with fewer clips starts again from its first), cut to that length. A model
+    scores such a file by aggregating its windows, as it scores test files, so thresholds tuned on these see what the
+    aggregate does to scores (the max over windows raises absent instruments' scores too). Deterministic for the same
+    samples and seed.
+    """
+    groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
+    for sample in samples:
+        if sample["labelled"]:
+            groups.setdefault((sample["song"], tuple(sample["instruments"])), []).append(sample)
+    if not groups:
+        return []
+    songs = [sorted(group, key=lambda sample: sample["key"]) for group in groups.values()]
+    rng = random.Random(f"{seed}:validation-files")
+    out = []
+    for _ in range(count):
+        size = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+        parts = _pick_parts(rng, songs, size)
+        clip = parts[0][0]["audio"].shape[-1]
+        sample_rate = parts[0][0]["sample_rate"]
+        length = round(rng.uniform(*seconds) * sample_rate)
+        pieces = [_mixed_sample([part[k % len(part)] for part in parts], clip, rng)
+                  for k in range(math.ceil(length / clip))]
+        audio = np.concatenate([piece.audio[0] for piece in pieces])[:length]
+        out.append(_labelled_sample(audio, pieces[0].instruments, "+".join(part[0]["song"] for part in parts)))
     return out
 
 

@@ -14,7 +14,8 @@ import webdataset as wds
 
 from core.errors import UserError
 from shards import vocab
-from shards.loader import DataConfig, SampleCache, eval_samples, sample_count, shard_urls, train_batches
+from shards.loader import (DataConfig, SampleCache, eval_samples, sample_count, shard_urls, train_batches,
+                           validation_files)
 from shards.pack import PackOptions, pack
 
 RATE = 16000
@@ -297,3 +298,33 @@ def test_pipe_and_fsspec_urls_read_like_local_paths(data):
     assert [b["key"] for b in remote] == [b["key"] for b in local]
     keys = [s["key"] for s in eval_samples("memory://bucket/out/train")]
     assert keys == [s["key"] for s in eval_samples(outdir / "train")]
+
+
+def test_validation_files_are_long_test_like_pieces_of_held_out_songs(irmas, tmp_path):
+    irmas.train(tmp_path / "irmas", songs_per_class=2, excerpts=2, seconds=1.0)
+    outdir = _pack("irmas-train", tmp_path / "irmas", tmp_path / "out")
+    samples = list(eval_samples(outdir / "train", rank=0, world_size=1, sample_rate=RATE))
+    songs: dict[str, list] = {}
+    for sample in samples:
+        songs.setdefault(sample["song"], []).append(sample)
+    assert min(len(clips) for clips in songs.values()) >= 2  # files of up to 4.5 clips start songs again
+
+    files = validation_files(samples, count=12, seed=3, sizes={3: 1.0}, seconds=(2.5, 4.5))
+    assert len(files) == 12
+    for file in files:
+        assert 2.5 * RATE <= file["audio"].shape[-1] <= 4.5 * RATE and file["audio"].dtype == torch.float32
+        assert len(file["instruments"]) == 3 and file["targets"].sum() == 3  # three different instruments ...
+        assert file["targets"].numpy().tolist() == vocab.multi_hot(file["instruments"]).tolist()
+        assert len(set(file["key"].split("+"))) == 3  # ... from three different songs
+        assert float(file["audio"].abs().max()) > 0
+    again = validation_files(samples, count=12, seed=3, sizes={3: 1.0}, seconds=(2.5, 4.5))
+    assert all(torch.equal(a["audio"], b["audio"]) and a["key"] == b["key"] for a, b in zip(files, again))
+    other = validation_files(samples, count=12, seed=4, sizes={3: 1.0}, seconds=(2.5, 4.5))
+    assert [file["key"] for file in other] != [file["key"] for file in files]
+
+    # one instrument: the song's clips in turn (from its first again once they run out), cut to the file's length
+    for file in validation_files(samples, count=6, seed=0, sizes={1: 1.0}, seconds=(2.5, 4.5)):
+        clips = [clip["audio"] for clip in sorted(songs[file["key"]], key=lambda clip: clip["key"])]
+        expected = torch.cat(clips * 3)[: file["audio"].shape[-1]]
+        assert file["instruments"] == songs[file["key"]][0]["instruments"]
+        torch.testing.assert_close(file["audio"], expected)
