@@ -476,12 +476,13 @@ def run_supervised(args: argparse.Namespace) -> dict:
 
 
 def supervised_yardsticks(train: Path, val: Path, tests: dict[str, Path], recipe: Path) -> dict[str, dict]:
-    """The two yardsticks of `finetune yardsticks` (thresholds on validation mixtures and windows aggregated per file
-    as the fine-tuning `recipe`'s models do)."""
-    aggregate = load_recipe(recipe, [], FinetuneRecipe).eval.aggregate
+    """The two yardsticks of `finetune yardsticks` (thresholds tuned on the validation sets, and windows aggregated
+    per file, as the fine-tuning `recipe`'s models do)."""
+    evaluation = load_recipe(recipe, [], FinetuneRecipe).eval
     rows: dict[str, dict] = {}
     for prefix, test in tests.items():
-        for name, scores in yardsticks(str(train), str(val), str(test), aggregate=aggregate).items():
+        for name, scores in yardsticks(str(train), str(val), str(test), aggregate=evaluation.aggregate,
+                                       thresholds=evaluation.threshold_sets).items():
             rows.setdefault(name, {}).update({prefix + key: scores[key] for key in SUPERVISED_SCORES})
     return rows
 

@@ -33,7 +33,7 @@ from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment, check_warp
 from pretrain.hub import load_backbone
-from shards.loader import DataConfig, eval_samples, validation_mixtures
+from shards.loader import DataConfig, eval_samples, validation_files, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
 
@@ -57,7 +57,7 @@ class AugmentConfig(WaveAugmentConfig):
         check_warp(self.warp)
 
 
-ThresholdSource = Literal["mixtures", "clips"]
+ThresholdSource = Literal["mixtures", "files", "clips"]
 THRESHOLD_SOURCES = get_args(ThresholdSource)
 
 
@@ -66,11 +66,23 @@ class EvalConfig:
     hop_seconds: float = 1.5  # window hop when files are longer than a clip
     aggregate: Aggregate = "mean"
     batch_size: int = 32
-    # Per-instrument thresholds are tuned on validation mixtures of 1-4 clips built like test files (`mixtures`),
-    # or on the single-instrument validation clips (`clips`), whose thresholds sit too high for polyphonic files.
-    thresholds: ThresholdSource = "mixtures"
+    # Per-instrument thresholds are tuned on validation mixtures of 1-4 clips, one window each (`mixtures`), on
+    # 5-20 s validation files of 1-4 instruments scored window by window like test files (`files`), on both sets
+    # together ([mixtures, files]), or on the single-instrument validation clips (`clips`), whose thresholds sit too
+    # high for polyphonic files.
+    thresholds: ThresholdSource | list[ThresholdSource] = "mixtures"
     mixtures: int = 0  # validation mixtures to build; 0: as many as there are validation clips
+    files: int = 0  # validation files to build when thresholds use them; 0: half as many as there are validation clips
     best: str = "map"  # validation metric (of the threshold set) that picks the exported checkpoint; higher is better
+
+    @property
+    def threshold_sets(self) -> list[str]:
+        """The validation sets whose scores, pooled, tune the thresholds."""
+        return [self.thresholds] if isinstance(self.thresholds, str) else list(self.thresholds)
+
+    @property
+    def threshold_name(self) -> str:
+        return "+".join(self.threshold_sets)
 
 
 @dataclass
@@ -129,7 +141,8 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
 
 
 def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:
-    """(targets, audio) of the validation clips and of mixtures built from them; read once per run."""
+    """(targets, audio) of the validation clips, of mixtures built from them and, when the thresholds use them, of
+    files built from them; read once per run."""
     samples = list(eval_samples(recipe.data.val, rank=0, world_size=1, sample_rate=recipe.data.sample_rate))
     if not samples:
         raise UserError(f"{recipe.data.val}: validation shards hold no samples; pass data.val shards written with "
@@ -138,9 +151,14 @@ def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, 
     if not labelled:
         raise UserError(f"{recipe.data.val}: validation shards carry no instrument labels; pass the val split of an "
                         "irmas-train or csv pack (shards pack ... --val-fraction)")
-    mixed = validation_mixtures(labelled, count=recipe.eval.mixtures or len(samples), seed=recipe.train.seed)
-    return {name: [(sample["targets"].numpy(), sample["audio"]) for sample in chosen]
-            for name, chosen in (("clips", labelled), ("mixtures", mixed))}
+    chosen = {"clips": labelled,
+              "mixtures": validation_mixtures(labelled, count=recipe.eval.mixtures or len(labelled),
+                                              seed=recipe.train.seed)}
+    if "files" in recipe.eval.threshold_sets:
+        chosen["files"] = validation_files(labelled, count=recipe.eval.files or max(1, len(labelled) // 2),
+                                           seed=recipe.train.seed)
+    return {name: [(sample["targets"].numpy(), sample["audio"]) for sample in examples]
+            for name, examples in chosen.items()}
 
 
 def predict_set(classifier: Classifier, info: ModelInfo, examples, *, batch_size: int,
@@ -187,10 +205,13 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
             scored = {name: predict_set(classifier, info, examples, batch_size=recipe.eval.batch_size,
                                         precision=precision)
                       for name, examples in sets.items() if examples}
-            thresholds = tune_thresholds(*scored[recipe.eval.thresholds])
-            for name, (probabilities, targets) in scored.items():
+            chosen = recipe.eval.threshold_sets
+            pooled = tuple(np.concatenate([scored[name][i] for name in chosen]) for i in range(2))
+            thresholds = tune_thresholds(*pooled)
+            # the threshold set's scores unprefixed; each other set (and each pooled one) under its name
+            named = [("", pooled)] + [(f"{name}_", scores) for name, scores in scored.items() if [name] != chosen]
+            for prefix, (probabilities, targets) in named:
                 metrics = multilabel_metrics(probabilities, targets, thresholds, info.labels)
-                prefix = "" if name == recipe.eval.thresholds else f"{name}_"
                 logged |= {f"{prefix}loss": bce(probabilities, targets)}
                 logged |= {f"{prefix}{key}": metrics[key] for key in HEADLINE}
             info.thresholds = thresholds.tolist()
@@ -200,8 +221,8 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
                 return logged
             best = {"metric": recipe.eval.best, "value": score, "step": state["step"]}
             logged["best"] = score
-            info.validation = {**logged, "count": len(sets[recipe.eval.thresholds]), "step": state["step"],
-                               "thresholds_from": recipe.eval.thresholds, "precision": precision, "best": best}
+            info.validation = {**logged, "count": len(pooled[1]), "step": state["step"],
+                               "thresholds_from": recipe.eval.threshold_name, "precision": precision, "best": best}
         card = {"recipe": to_dict(recipe), "steps": state["step"]}
         save_model(classifier, output_dir / "model", info, card=card)
         return logged
@@ -218,9 +239,9 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
         raise UserError(f"{source}: data.train is missing; pass data.train=SHARD_DIR (e.g. demo/shards/irmas-train/train)")
     if recipe.eval.aggregate not in AGGREGATES:
         raise UserError(f"{source}: eval.aggregate must be one of {', '.join(AGGREGATES)}; got {recipe.eval.aggregate!r}")
-    if recipe.eval.thresholds not in THRESHOLD_SOURCES:
-        raise UserError(f"{source}: eval.thresholds must be one of {', '.join(THRESHOLD_SOURCES)}; "
-                        f"got {recipe.eval.thresholds!r}")
+    if not recipe.eval.threshold_sets or not set(recipe.eval.threshold_sets) <= set(THRESHOLD_SOURCES):
+        raise UserError(f"{source}: eval.thresholds must be one of {', '.join(THRESHOLD_SOURCES)} or a list of them "
+                        f"(e.g. [mixtures, files]); got {recipe.eval.thresholds!r}")
     if recipe.eval.best not in HEADLINE:
         raise UserError(f"{source}: eval.best must be one of {', '.join(HEADLINE)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)

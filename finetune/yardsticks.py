@@ -4,18 +4,20 @@
   (what thresholds alone can buy); its LRAP is the mean over 100 seeded draws of random scores.
 - *log-mel statistics + logistic regression*: one logistic regression per instrument on the mean and standard
   deviation of each mel bin over a window (the backbones' own frontend), window probabilities aggregated per file as
-  the model's are (mean or max), thresholds tuned on the same validation mixtures as the models'
-  (`shards.loader.validation_mixtures`).
+  the model's are (mean or max), thresholds tuned on the same validation sets as the model's (mixtures of clips,
+  `shards.loader.validation_mixtures`, and/or whole files, `shards.loader.validation_files`).
 
     python -m finetune yardsticks TRAIN_SHARDS VAL_SHARDS TEST_SHARDS [--report REPORT.json] [--out yardsticks.json]
 
 With `--report` (the report.json of `python -m finetune evaluate` on the same test data) the model's scores are
-printed first, in the same table, and the regression aggregates windows as that report did (`--aggregate` overrides).
+printed first, in the same table, and the regression aggregates windows as that report did and tunes its thresholds
+on the validation sets the model's were tuned on (`--aggregate` and `--thresholds` override).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from finetune.inference import AGGREGATES, aggregate_windows
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
-from shards.loader import eval_samples, validation_mixtures
+from shards.loader import eval_samples, validation_files, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
 NO_INFORMATION = "no information"
@@ -50,9 +52,14 @@ def _samples(spec: str | Path, sample_rate: int) -> list[dict]:
     return [s for s in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate) if s["labelled"]]
 
 
+THRESHOLD_SETS = ("mixtures", "files", "clips")
+
+
 def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_seconds: float = 3.0,
-               aggregate: str = "mean", seed: int = 0) -> dict[str, dict[str, float]]:
-    """{yardstick: {metric: value}} on the test data, for the two yardsticks of the module docstring."""
+               aggregate: str = "mean", thresholds: Sequence[str] = ("mixtures",),
+               seed: int = 0) -> dict[str, dict[str, float]]:
+    """{yardstick: {metric: value}} on the test data, for the two yardsticks of the module docstring; the
+    regression's thresholds are tuned on the validation sets named in `thresholds` (THRESHOLD_SETS), pooled."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import label_ranking_average_precision_score
     from sklearn.multiclass import OneVsRestClassifier
@@ -64,8 +71,11 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
     window = round(clip_seconds * rate)
     train_x, train_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(train, rate)), frontend, window)
     val_samples = _samples(val, rate)
-    mixed = validation_mixtures(val_samples, count=len(val_samples), seed=seed)
-    val_x, val_y = _features(((s["targets"].numpy(), s["audio"]) for s in mixed), frontend, window)
+    builders = {"clips": lambda: val_samples,
+                "mixtures": lambda: validation_mixtures(val_samples, count=len(val_samples), seed=seed),
+                "files": lambda: validation_files(val_samples, count=max(1, len(val_samples) // 2), seed=seed)}
+    chosen = [sample for name in thresholds for sample in builders[name]()]
+    val_x, val_y = _features(((s["targets"].numpy(), s["audio"]) for s in chosen), frontend, window)
     test_x, test_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(test, rate)), frontend, window)
 
     per_window_y = np.concatenate([np.repeat(y[None], len(x), axis=0) for x, y in zip(train_x, train_y)])
@@ -76,8 +86,7 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
         return np.stack([aggregate_windows(regression.predict_proba(x), aggregate) for x in features])
 
     labels = list(INSTRUMENTS)
-    thresholds = tune_thresholds(probabilities(val_x), val_y)
-    regressed = multilabel_metrics(probabilities(test_x), test_y, thresholds, labels)
+    regressed = multilabel_metrics(probabilities(test_x), test_y, tune_thresholds(probabilities(val_x), val_y), labels)
     always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(labels)), labels)
     draws = np.random.default_rng(seed).random((100, *test_y.shape))
     chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
@@ -85,6 +94,16 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
     return {NO_INFORMATION: {"macro_f1": always["macro_f1"], "micro_f1": always["micro_f1"], "lrap": chance,
                              "map": chance_map},
             REGRESSION: {key: regressed[key] for key in HEADLINE}}
+
+
+def _thresholds_from(model: str | None) -> list[str] | None:
+    """The validation sets a fine-tuned model folder's thresholds were tuned on, when it says."""
+    try:
+        named = json.loads((Path(model) / "finetune.json").read_text())["validation"]["thresholds_from"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    sets = named.split("+")
+    return sets if set(sets) <= set(THRESHOLD_SETS) else None
 
 
 def main(argv: list[str]) -> int:
@@ -96,9 +115,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", default=None, help="report.json of `finetune evaluate` on TEST, shown first")
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None,
                         help="window -> file for the regression (default: the --report's, else mean)")
+    parser.add_argument("--thresholds", nargs="+", choices=THRESHOLD_SETS, default=None,
+                        help="validation sets, pooled, that tune the regression's thresholds (default: the --report "
+                             "model's, else mixtures)")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    rows, aggregate = {}, args.aggregate
+    rows, aggregate, thresholds = {}, args.aggregate, args.thresholds
     if args.report:
         try:
             report = json.loads(Path(args.report).read_text())
@@ -107,8 +129,10 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"--report {args.report}: not a report.json of `python -m finetune evaluate` ({error}); "
                             "pass <out>/report.json of an evaluate run") from None
+        thresholds = thresholds or _thresholds_from(report.get("model"))
     out = output_file(args.out) if args.out else None
-    scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds, aggregate=aggregate or "mean")
+    scores = yardsticks(args.train, args.val, args.test, clip_seconds=args.clip_seconds, aggregate=aggregate or "mean",
+                        thresholds=thresholds or ["mixtures"])
     if out:
         out.write_text(json.dumps(scores, indent=1) + "\n")
     rows |= scores

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,39 @@ def test_thresholds_come_from_validation_mixtures(trained, data):
     assert not np.allclose(tune_thresholds(clip_probabilities, clip_targets), list(saved.values()))
 
 
+def test_thresholds_from_mixtures_and_files_are_tuned_on_both_pooled(data, backbone_dir, tmp_path):
+    recipe = recipe_for(backbone_dir, data)
+    recipe.eval.thresholds = ["mixtures", "files"]
+    sets = validation_sets(recipe)
+    assert len(sets["files"]) == len(sets["clips"]) // 2
+    assert all(audio.shape[-1] >= 5 * RATE for _, audio in sets["files"])  # whole test-like files, many windows
+    classifier = build_classifier(recipe)
+    logged = exporter(recipe, tmp_path, resumed=False, sets=sets)(classifier, tmp_path, {"step": 1})
+    meta = json.loads((tmp_path / "model" / "finetune.json").read_text())
+    assert meta["validation"]["thresholds_from"] == "mixtures+files"
+    assert meta["validation"]["count"] == len(sets["mixtures"]) + len(sets["files"])
+    info = model_info(recipe)
+    scored = {name: predict_set(classifier, info, sets[name], batch_size=16) for name in ("mixtures", "files")}
+    pooled = [np.concatenate([scored[name][i] for name in scored]) for i in range(2)]
+    thresholds = tune_thresholds(*pooled)
+    np.testing.assert_allclose(meta["thresholds"], thresholds, atol=1e-6)
+    assert not np.allclose(thresholds, tune_thresholds(*scored["mixtures"]))  # the files move them
+    for prefix, (probabilities, targets) in [("", pooled), ("files_", scored["files"]),
+                                             ("mixtures_", scored["mixtures"])]:
+        metrics = multilabel_metrics(probabilities, targets, thresholds, list(INSTRUMENTS))
+        assert logged[f"{prefix}map"] == pytest.approx(metrics["map"])
+        assert logged[f"{prefix}macro_f1"] == pytest.approx(metrics["macro_f1"])
+
+
+def test_unknown_threshold_sets_are_a_one_line_recipe_error(data, run_module, tmp_path):
+    result = run_module("finetune", "recipes/finetune/cpu-synth.yaml", f"data.train={data['train']}",
+                        f"data.val={data['val']}", f"output_dir={tmp_path}", "eval.thresholds=[mixtures, tests]")
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("error: recipes/finetune/cpu-synth.yaml: 'eval.thresholds' must be one of "
+                                     "mixtures, files, clips; got ['mixtures', 'tests']")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_validation_scores_at_the_training_precision(precision, data, backbone_dir, tmp_path):
     recipe = recipe_for(backbone_dir, data)
@@ -428,3 +462,20 @@ def test_yardsticks_score_the_regression_above_no_information(data, trained, wri
                         "--clip-seconds", str(CLIP), "--report", str(tmp_path / "max.json"), "--out", str(tmp_path / "y.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "y.json").read_text())[REGRESSION] == pytest.approx(maxed)
+
+    # and tunes its thresholds on the validation sets the model's were tuned on (its finetune.json), or on --thresholds
+    mixtures, files = (yardsticks(data["train"], data["val"], data["val"], clip_seconds=CLIP, aggregate="max",
+                                  thresholds=[name])[REGRESSION] for name in ("mixtures", "files"))
+    assert files["macro_f1"] != pytest.approx(mixtures["macro_f1"])
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    meta = json.loads((model / "finetune.json").read_text())
+    meta["validation"]["thresholds_from"] = "files"
+    (model / "finetune.json").write_text(json.dumps(meta))
+    (tmp_path / "files.json").write_text(json.dumps({**report, "aggregate": "max", "model": str(model)}))
+    for flags in (["--report", str(tmp_path / "files.json")],
+                  ["--report", str(tmp_path / "max.json"), "--thresholds", "files"]):
+        result = run_module("finetune", "yardsticks", str(data["train"]), str(data["val"]), str(data["val"]),
+                            "--clip-seconds", str(CLIP), *flags, "--out", str(tmp_path / "y.json"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((tmp_path / "y.json").read_text())[REGRESSION] == pytest.approx(files)
