@@ -31,18 +31,18 @@ lock: | $(UV)
 
 # FluidSynth and General MIDI SoundFonts render the synthetic data set: the demo trains on three fonts and tests on
 # a fourth it never saw (Debian's packages; MuseScore General is kept out of Timbre for an independent check).
-# Chromium drives the serving page in the tests (headless).
+# Chromium drives the serving page in the tests (headless); g++ builds the kernels of torch.compile (train.compile).
 SF2          := /usr/share/sounds/sf2
 TRAIN_FONTS  := $(SF2)/FluidR3_GM.sf2 $(SF2)/sf_GMbank.sf2 $(SF2)/OPL-3_FM_128M.sf2
 TEST_FONT    := $(SF2)/TimGM6mb.sf2
-FONT_PACKAGES := fluidsynth fluid-soundfont-gm csound-soundfont opl3-soundfont timgm6mb-soundfont chromium
+SYSTEM_PACKAGES := fluidsynth fluid-soundfont-gm csound-soundfont opl3-soundfont timgm6mb-soundfont chromium g++
 
 system-deps:
-	@if command -v fluidsynth >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && for f in $(TRAIN_FONTS) $(TEST_FONT); do [ -e $$f ] || exit 1; done; then :; \
+	@if command -v fluidsynth >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 && for f in $(TRAIN_FONTS) $(TEST_FONT); do [ -e $$f ] || exit 1; done; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FONT_PACKAGES) >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else \
-		echo "timbre: FluidSynth, a SoundFont or Chromium is missing; install them with: sudo apt-get install $(FONT_PACKAGES)"; exit 1; \
+		echo "timbre: FluidSynth, a SoundFont, Chromium or g++ is missing; install them with: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; \
 	fi
 
 install: system-deps $(STAMP)

@@ -84,6 +84,7 @@ from core.errors import UserError
 from core.files import write_json
 from core.progress import progress_bar
 
+CPU_COMPILERS = ("g++", "c++", "clang++")  # what inductor can build CPU kernels with
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRACKERS = ("none", "wandb", "tensorboard")
 
@@ -262,6 +263,9 @@ def _accelerator(config: TrainConfig, output_dir: Path, tracking: str, resume: s
         os.environ["WANDB_MODE"] = "offline"
     device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     precision = resolve_precision(config.precision, device)
+    if config.compile and device.type == "cpu" and not any(map(shutil.which, CPU_COMPILERS)):
+        raise UserError("train.compile=true: torch.compile builds C++ kernels on CPUs and no C++ compiler was found "
+                        f"({', '.join(CPU_COMPILERS)}); install one (sudo apt-get install g++) or set train.compile=false")
     accelerator = Accelerator(
         mixed_precision="no" if precision == "fp32" else precision,
         dynamo_backend="inductor" if config.compile else "no",

@@ -204,7 +204,7 @@ def test_shipped_recipes_load_and_name_unknown_keys(tmp_path):
         load_recipe(bad, [], PretrainRecipe)
 
 
-def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path):
+def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path, monkeypatch):
     from pretrain.train import main
 
     recipe = tiny_recipe(tmp_path / "recipe.yaml", shards, tmp_path / "run")
@@ -219,3 +219,7 @@ def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path):
         main([str(recipe), "model.size=huge"])
     with pytest.raises(UserError, match="no such shard"):
         main([str(recipe), f"data.train=[{tmp_path / 'missing'}]"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on it
+    with pytest.raises(UserError, match=r"train.compile=true: torch.compile builds C\+\+ kernels on CPUs and no C\+\+ "
+                                        r"compiler was found \(g\+\+, c\+\+, clang\+\+\); install one"):
+        main([str(recipe), "train.compile=true"])
