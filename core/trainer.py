@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import os
 import random
@@ -263,9 +264,12 @@ def _accelerator(config: TrainConfig, output_dir: Path, tracking: str, resume: s
         os.environ["WANDB_MODE"] = "offline"
     device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     precision = resolve_precision(config.precision, device)
-    if config.compile and device.type == "cpu" and not any(map(shutil.which, CPU_COMPILERS)):
-        raise UserError("train.compile=true: torch.compile builds C++ kernels on CPUs and no C++ compiler was found "
-                        f"({', '.join(CPU_COMPILERS)}); install one (sudo apt-get install g++) or set train.compile=false")
+    if config.compile and device.type == "cpu":
+        if not any(map(shutil.which, CPU_COMPILERS)):
+            raise UserError("train.compile=true: torch.compile builds C++ kernels on CPUs and no C++ compiler was found "
+                            f"({', '.join(CPU_COMPILERS)}); install one (sudo apt-get install g++) or set "
+                            "train.compile=false")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found": no news here
     accelerator = Accelerator(
         mixed_precision="no" if precision == "fp32" else precision,
         dynamo_backend="inductor" if config.compile else "no",
