@@ -26,6 +26,7 @@ import torch
 from core.errors import ArgumentParser, UserError, output_file, positive_float
 from finetune.inference import AGGREGATES, aggregate_windows
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
+from finetune.train import THRESHOLD_SOURCES as THRESHOLD_SETS
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
 from shards.loader import eval_samples, validation_files, validation_mixtures
@@ -50,9 +51,6 @@ def _features(examples, frontend: LogMel, window: int) -> tuple[list[np.ndarray]
 
 def _samples(spec: str | Path, sample_rate: int) -> list[dict]:
     return [s for s in eval_samples(spec, rank=0, world_size=1, sample_rate=sample_rate) if s["labelled"]]
-
-
-THRESHOLD_SETS = ("mixtures", "files", "clips")
 
 
 def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_seconds: float = 3.0,
