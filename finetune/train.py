@@ -152,11 +152,9 @@ def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, 
         raise UserError(f"{recipe.data.val}: validation shards carry no instrument labels; pass the val split of an "
                         "irmas-train or csv pack (shards pack ... --val-fraction)")
     chosen = {"clips": labelled,
-              "mixtures": validation_mixtures(labelled, count=recipe.eval.mixtures or len(labelled),
-                                              seed=recipe.train.seed)}
+              "mixtures": validation_mixtures(labelled, count=recipe.eval.mixtures or None, seed=recipe.train.seed)}
     if "files" in recipe.eval.threshold_sets:
-        chosen["files"] = validation_files(labelled, count=recipe.eval.files or max(1, len(labelled) // 2),
-                                           seed=recipe.train.seed)
+        chosen["files"] = validation_files(labelled, count=recipe.eval.files or None, seed=recipe.train.seed)
     return {name: [(sample["targets"].numpy(), sample["audio"]) for sample in examples]
             for name, examples in chosen.items()}
 

@@ -70,8 +70,8 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
     train_x, train_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(train, rate)), frontend, window)
     val_samples = _samples(val, rate)
     builders = {"clips": lambda: val_samples,
-                "mixtures": lambda: validation_mixtures(val_samples, count=len(val_samples), seed=seed),
-                "files": lambda: validation_files(val_samples, count=max(1, len(val_samples) // 2), seed=seed)}
+                "mixtures": lambda: validation_mixtures(val_samples, seed=seed),
+                "files": lambda: validation_files(val_samples, seed=seed)}
     chosen = [sample for name in thresholds for sample in builders[name]()]
     val_x, val_y = _features(((s["targets"].numpy(), s["audio"]) for s in chosen), frontend, window)
     test_x, test_y = _features(((s["targets"].numpy(), s["audio"]) for s in _samples(test, rate)), frontend, window)

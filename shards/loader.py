@@ -713,9 +713,10 @@ def _labelled_sample(audio: np.ndarray, instruments: frozenset[str], key: str) -
                 targets=torch.from_numpy(vocab.multi_hot(labels)), key=key)
 
 
-def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
+def validation_mixtures(samples: Sequence[dict], *, count: int | None = None, seed: int = 0,
                         sizes: dict[int, float] = MIXTURE_SIZES) -> list[dict]:
-    """`count` polyphonic examples built like test files from single-instrument `eval_samples` outputs.
+    """`count` (default: one per labelled sample) polyphonic examples built like test files from single-instrument
+    `eval_samples` outputs.
 
     Each draws a number of instruments from `sizes` and sums one sample of each, all of different songs and
     different labelled instruments, by the same loudness-matched rule as training mixtures (cut or zero-padded to
@@ -727,7 +728,7 @@ def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
         return []
     rng = random.Random(f"{seed}:validation-mixtures")
     out = []
-    for _ in range(count):
+    for _ in range(len(labelled) if count is None else count):
         size = rng.choices(list(sizes), weights=list(sizes.values()))[0]
         parts = [part[0] for part in _pick_parts(rng, labelled, size)]
         mixed = _mixed_sample(parts, parts[0]["audio"].shape[-1], rng)
@@ -735,9 +736,10 @@ def validation_mixtures(samples: Sequence[dict], *, count: int, seed: int = 0,
     return out
 
 
-def validation_files(samples: Sequence[dict], *, count: int, seed: int = 0, sizes: dict[int, float] = MIXTURE_SIZES,
-                     seconds: tuple[float, float] = FILE_SECONDS) -> list[dict]:
-    """`count` whole test-like files, longer than one clip, from single-instrument `eval_samples` outputs.
+def validation_files(samples: Sequence[dict], *, count: int | None = None, seed: int = 0,
+                     sizes: dict[int, float] = MIXTURE_SIZES, seconds: tuple[float, float] = FILE_SECONDS) -> list[dict]:
+    """`count` (default: one per two labelled samples) whole test-like files, longer than one clip, from
+    single-instrument `eval_samples` outputs.
 
     Each draws a number of instruments from `sizes` and one held-out song per instrument (different songs), and a
     length in `seconds`; its audio is the songs' clips in turn, the k-th clip of every part summed as
@@ -755,7 +757,8 @@ def validation_files(samples: Sequence[dict], *, count: int, seed: int = 0, size
     songs = [sorted(group, key=lambda sample: sample["key"]) for group in groups.values()]
     rng = random.Random(f"{seed}:validation-files")
     out = []
-    for _ in range(count):
+    labelled = sum(len(song) for song in songs)
+    for _ in range(max(1, labelled // 2) if count is None else count):
         size = rng.choices(list(sizes), weights=list(sizes.values()))[0]
         parts = _pick_parts(rng, songs, size)
         clip = parts[0][0]["audio"].shape[-1]

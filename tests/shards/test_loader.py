@@ -15,7 +15,7 @@ import webdataset as wds
 from core.errors import UserError
 from shards import vocab
 from shards.loader import (DataConfig, SampleCache, eval_samples, sample_count, shard_urls, train_batches,
-                           validation_files)
+                           validation_files, validation_mixtures)
 from shards.pack import PackOptions, pack
 
 RATE = 16000
@@ -321,6 +321,9 @@ def test_validation_files_are_long_test_like_pieces_of_held_out_songs(irmas, tmp
     assert all(torch.equal(a["audio"], b["audio"]) and a["key"] == b["key"] for a, b in zip(files, again))
     other = validation_files(samples, count=12, seed=4, sizes={3: 1.0}, seconds=(2.5, 4.5))
     assert [file["key"] for file in other] != [file["key"] for file in files]
+    # without a count: one file per two labelled clips, one mixture per clip (the recipes' eval.files/mixtures: 0)
+    assert len(validation_files(samples, seed=0)) == len(samples) // 2
+    assert len(validation_mixtures(samples, seed=0)) == len(samples)
 
     # one instrument: the song's clips in turn (from its first again once they run out), cut to the file's length
     for file in validation_files(samples, count=6, seed=0, sizes={1: 1.0}, seconds=(2.5, 4.5)):
