@@ -109,8 +109,9 @@ BUDGETS = {
     "tiny": Budget(unlabeled=24, labelled_per_class=(4, 6), main_per_class=6, test_files=8, size="cpu-2",
                    seeds=(0, 1), pretrain_steps=3, pretrain_batch=4, finetune_steps=4, finetune_batch=4,
                    probe_steps=4, probe_batch=8),
-    # Sized from single runs on 2 cores (fp32): rendering + packing 6000 pool clips ~12 min; pretraining cpu-2 at
-    # 55-110 clips/s, 1500 x 32 clips ~8-15 min per objective; a 400-step fine-tune ~4 min; an evaluation ~20 s.
+    # Measured on 2 cores (2026-12-05, AMD EPYC): rendering + packing 6000 pool clips 5 min; pretraining cpu-2 at
+    # 62-137 clips/s, 1500 x 32 clips 6-13 min per objective; a 400-step fine-tune 80-110 s; an evaluation 20-35 s.
+    # The table with three objectives (mae, teacher, metric) took 89 min; with all five, ~2 h.
     "full": Budget(unlabeled=6000, labelled_per_class=(8, 16, 32), main_per_class=16, test_files=200, size="cpu-2",
                    seeds=(0, 1, 2), pretrain_steps=1500, pretrain_batch=32, finetune_steps=400, finetune_batch=32,
                    probe_steps=300, probe_batch=32),
