@@ -26,7 +26,7 @@ import torch
 from core.errors import ArgumentParser, UserError, output_file, positive_float
 from finetune.inference import AGGREGATES, aggregate_windows
 from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
-from finetune.train import THRESHOLD_SOURCES as THRESHOLD_SETS
+from finetune.train import THRESHOLD_SOURCES
 from pretrain.encoder import cut_windows
 from pretrain.frontend import LogMel
 from shards.loader import eval_samples, validation_files, validation_mixtures
@@ -57,7 +57,7 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
                aggregate: str = "mean", thresholds: Sequence[str] = ("mixtures",),
                seed: int = 0) -> dict[str, dict[str, float]]:
     """{yardstick: {metric: value}} on the test data, for the two yardsticks of the module docstring; the
-    regression's thresholds are tuned on the validation sets named in `thresholds` (THRESHOLD_SETS), pooled."""
+    regression's thresholds are tuned on the validation sets named in `thresholds` (THRESHOLD_SOURCES), pooled."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import label_ranking_average_precision_score
     from sklearn.multiclass import OneVsRestClassifier
@@ -101,7 +101,7 @@ def _thresholds_from(model: str | None) -> list[str] | None:
     except (TypeError, OSError, ValueError, KeyError):
         return None
     sets = named.split("+")
-    return sets if set(sets) <= set(THRESHOLD_SETS) else None
+    return sets if set(sets) <= set(THRESHOLD_SOURCES) else None
 
 
 def main(argv: list[str]) -> int:
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", default=None, help="report.json of `finetune evaluate` on TEST, shown first")
     parser.add_argument("--aggregate", choices=AGGREGATES, default=None,
                         help="window -> file for the regression (default: the --report's, else mean)")
-    parser.add_argument("--thresholds", nargs="+", choices=THRESHOLD_SETS, default=None,
+    parser.add_argument("--thresholds", nargs="+", choices=THRESHOLD_SOURCES, default=None,
                         help="validation sets, pooled, that tune the regression's thresholds (default: the --report "
                              "model's, else mixtures)")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
