@@ -48,7 +48,8 @@ class WaveAugmentConfig:
 
 
 class WaveAugment(nn.Module):
-    """(B, samples) training audio -> the same shape, augmented as the config says; the identity in eval()."""
+    """(..., samples) training audio (clips, or clips x views) -> the same shape, each clip or view augmented on its
+    own as the config says; the identity in eval()."""
 
     def __init__(self, *, config: WaveAugmentConfig, sample_rate: int) -> None:
         super().__init__()
@@ -77,16 +78,17 @@ class WaveAugment(nn.Module):
         self.steps = nn.ModuleList(steps)
 
     def forward(self, audio: Tensor) -> Tensor:
-        if not self.training:
+        if not self.training or (not self.steps and self.config.reverb == 0):
             return audio
         with torch.autocast(audio.device.type, enabled=False):
-            audio = audio.float()
+            shape = audio.shape
+            audio = audio.float().reshape(-1, shape[-1])
             if self.config.reverb > 0:
                 audio = self.reverberate(audio)
             waves = audio[:, None]  # torch-audiomentations works on (B, channels, samples)
             for step in self.steps:
                 waves = step(waves, sample_rate=self.sample_rate)
-            return waves[:, 0]
+            return waves[:, 0].reshape(shape)
 
     def reverberate(self, audio: Tensor) -> Tensor:
         """Add a synthetic room's reverberation to a random `reverb` share of the clips; loudness is kept."""

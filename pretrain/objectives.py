@@ -65,7 +65,11 @@ class TeacherConfig:
     """Masked prediction of a teacher's patch representations (data2vec, M2D): the student encodes the visible
     patches, a small predictor fills in the masked positions, and the targets are the teacher's layer-normalised
     output tokens there. The teacher sees every patch and is an exponential moving average of the student, its
-    decay rising from `ema_decay` to `ema_decay_end` over the run (cosine), so short runs get a teacher that moves."""
+    decay rising from `ema_decay` to `ema_decay_end` over the run (cosine), so short runs get a teacher that moves.
+    With data.views >= 2 the teacher encodes the clip's last view and the student the first (BYOL-A, M2D): with
+    the recipe's `augment` each view is coloured on its own, so the student learns what survives the colouring. The
+    targets are matched by patch position, so the views should cover the same time: clips packed as segments of
+    data.clip_seconds (`shards pack --segment-seconds`) give crops that do."""
 
     weight: float = 0.0
     mask_ratio: float = 0.6
@@ -461,7 +465,7 @@ class Pretrainer(AudioEncoder):
                 if progress != self.teacher_progress:
                     ema_update(self.teacher, self.backbone, decay)
                     self.teacher_progress = progress
-            teacher = self.teach(features[:, 0])
+            teacher = self.teach(features[:, 0], features[:, -1])
             total = total + self.objectives.teacher.weight * teacher["loss"]
             logs["teacher"] = teacher["loss"].detach()
             logs["teacher_target_std"] = teacher["target_std"]
@@ -499,16 +503,17 @@ class Pretrainer(AudioEncoder):
             loss = (prediction.float() - chosen.float()).square().mean()
         return {"loss": loss, "prediction": prediction, "target": target, "masked": masked}
 
-    def teach(self, features: Tensor) -> dict[str, Tensor]:
-        """features (B, T, F) -> loss (mean squared error of the predicted masked tokens against the teacher's,
-        layer-normalised), prediction and target (B, M, D), masked (B, N), and target_std: the targets' spread over
-        tokens, averaged over channels (near 0 means the representations collapsed to a constant)."""
+    def teach(self, features: Tensor, teacher_features: Tensor | None = None) -> dict[str, Tensor]:
+        """features (B, T, F) for the student, teacher_features (B, T, F) for the teacher (default: the same) ->
+        loss (mean squared error of the predicted masked tokens against the teacher's, layer-normalised), prediction
+        and target (B, M, D), masked (B, N), and target_std: the targets' spread over tokens, averaged over channels
+        (near 0 means the representations collapsed to a constant)."""
         grid = self.backbone.grid(features.shape[1])
         keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.teacher)
         hidden_ids = masked_indices(masked)
         prediction = self.predictor(self.backbone(features, keep=keep).hidden, keep, grid, predict=hidden_ids)
         with torch.no_grad():
-            tokens = self.teacher(features).tokens.float()
+            tokens = self.teacher(features if teacher_features is None else teacher_features).tokens.float()
             tokens = F.layer_norm(tokens, tokens.shape[-1:])
             target = torch.gather(tokens, 1, repeat(hidden_ids, "b m -> b m d", d=tokens.shape[-1]))
         loss = (prediction.float() - target).square().mean()

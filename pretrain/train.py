@@ -8,6 +8,8 @@ A recipe is plain YAML read into `PretrainRecipe`:
     model:       pretrain.backbone.ModelConfig, shared with fine-tuning: size (cpu-2 | cpu-4 | tiny | small | base)
                  and optional overrides; max_frames is derived from data.clip_seconds
     objectives:  mae / teacher / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
+    augment:     pretrain.augment.WaveAugmentConfig: gain_db, filters, noise, pitch, reverb, each view of a clip on its
+                 own (all off unless the recipe sets them)
     train:       core.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
     probe:       optional labelled shards (train, val): a frozen-feature probe at every checkpoint (pretrain.probe)
     tracking:    none | wandb | tensorboard        run_name, output_dir, resume (null | auto | checkpoint dir)
@@ -29,6 +31,7 @@ from accelerate.utils import set_seed
 from core.errors import UserError
 from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TRACKERS, TrainConfig, train
+from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
 from pretrain.hub import save_pretrained
@@ -43,6 +46,7 @@ class PretrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    augment: WaveAugmentConfig = field(default_factory=lambda: WaveAugmentConfig(gain_db=0.0))
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: str = "none"
@@ -109,9 +113,14 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
         })
         return probe(trained) if probe else None
 
+    augment = WaveAugment(config=recipe.augment, sample_rate=data.sample_rate).train()
+
+    def loss_fn(module: Pretrainer, batch: dict, step: int):
+        return module(dict(batch, audio=augment(batch["audio"])), progress=step / recipe.train.steps)
+
     groups = param_groups(model, backbone=model.backbone, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     trained = train(
-        model=model, loss_fn=lambda module, batch, step: module(batch, progress=step / recipe.train.steps),
+        model=model, loss_fn=loss_fn,
         batches=batches, config=recipe.train,
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
         resume=recipe.resume, param_groups=groups, export=export, images=pictures,

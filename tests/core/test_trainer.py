@@ -65,7 +65,7 @@ def shards(irmas, tmp_path_factory) -> list[str]:
 
 
 def tiny_recipe(path: Path, shards: list[str], output_dir: Path, **train) -> Path:
-    """A deterministic tiny run with all four objectives."""
+    """A deterministic tiny run with all four objectives, on augmented audio."""
     recipe = {
         "data": {"train": shards, "clip_seconds": 1.0, "shuffle_buffer": 16, "mix_max": 2},
         "model": {"size": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
@@ -77,6 +77,7 @@ def tiny_recipe(path: Path, shards: list[str], output_dir: Path, **train) -> Pat
             "electra": {"weight": 0.5},
             "metric": {"weight": 0.5, "projection_size": 32},
         },
+        "augment": {"gain_db": 6.0, "filters": 0.5, "noise": 0.5, "reverb": 0.5},
         "train": {"steps": 8, "batch_size": 6, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 4,
                   "log_every": 2, "seed": 3, **train},
         "tracking": "none",

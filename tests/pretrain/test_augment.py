@@ -10,6 +10,7 @@ from core.errors import UserError
 from core.recipe import build
 from finetune.train import FinetuneRecipe
 from pretrain.augment import WaveAugment, WaveAugmentConfig
+from pretrain.train import PretrainRecipe
 
 RATE = 16000
 
@@ -33,6 +34,20 @@ def test_everything_off_is_the_identity_and_eval_never_augments():
     assert torch.equal(augment()(audio), audio)
     on = augment(gain_db=6.0, filters=1.0, noise=1.0, reverb=1.0, pitch=1.0)
     assert torch.equal(on.eval()(audio), audio)
+
+
+def test_views_of_one_clip_are_augmented_each_on_its_own():
+    torch.manual_seed(0)
+    clips = torch.randn(16, RATE) * 0.1
+    views = torch.stack([clips, clips], dim=1)  # (clips, views, samples): two copies of each clip
+    out = augment(gain_db=6.0, noise=1.0)(views)
+    assert out.shape == views.shape
+    loudness = out.square().mean(-1)
+    assert ((loudness[:, 0] / loudness[:, 1]).log10().abs() > 1e-3).all()  # each view got its own gain
+
+
+def test_pretraining_augments_nothing_unless_the_recipe_says():
+    assert torch.equal(WaveAugment(config=PretrainRecipe().augment, sample_rate=RATE).train()(sines()), sines())
 
 
 def test_gain_scales_each_clip_within_its_range():
@@ -81,8 +96,9 @@ def test_pitch_moves_the_whole_batch_together_within_two_semitones():
     assert 0.2 < abs(semitones) <= 2.0 + 0.2
 
 
+@pytest.mark.parametrize("recipe", [FinetuneRecipe, PretrainRecipe])
 @pytest.mark.parametrize("key, value", [("noise", 1.5), ("reverb", -0.1), ("gain_db", -3.0)])
-def test_a_bad_lever_in_a_recipe_is_one_line(key, value):
+def test_a_bad_lever_in_a_recipe_is_one_line(recipe, key, value):
     with pytest.raises(UserError, match=f"recipe.yaml: augment: {key}") as error:
-        build(FinetuneRecipe, {"augment": {key: value}}, source="recipe.yaml")
+        build(recipe, {"augment": {key: value}}, source="recipe.yaml")
     assert "\n" not in str(error.value)

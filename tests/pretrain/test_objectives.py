@@ -169,6 +169,23 @@ def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, featur
     assert last < 0.9 * first, (objective, losses)
 
 
+def test_with_two_views_the_student_reads_the_first_and_the_teacher_the_last():
+    model = pretrainer(teacher=1.0)
+    audio = torch.stack([gliding_tones(4, seed=2), gliding_tones(4, seed=3)], dim=1)  # (clips, views, samples)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        _, logs = model({"audio": audio})
+        views = model.features(audio)
+        torch.manual_seed(0)
+        crossed = model.teach(views[:, 0], views[:, 1])
+        torch.manual_seed(0)
+        same = model.teach(views[:, 0])
+        tokens = model.teacher(views[:, 1]).tokens
+    assert logs["teacher"] == crossed["loss"] != same["loss"]
+    expected = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:])[crossed["masked"]]
+    torch.testing.assert_close(crossed["target"].flatten(0, 1), expected)
+
+
 def trained(objective: str, train: torch.Tensor, *, steps: int) -> Pretrainer:
     """A pretrainer with only `objective`, trained for `steps` on rolling batches of 16 of `train`, in eval mode."""
     model = pretrainer(**{objective: 1.0})
