@@ -25,7 +25,7 @@ training uses `resume=auto`), and a changed one is cleared and rerun with everyt
 command and its log file are printed to stderr (logs under OUT/logs); a failing step stops the run with one line
 naming the stage. Delete OUT after changing the toolkit's code: the keys do not cover it.
 
-    python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~70 short stages, 15-30 min: checks the pipeline
+    python bench/quality.py --budget tiny --out bench/out/quality-tiny   # ~70 short stages, 15-30 min (19.9 min on 2026-12-05): checks the pipeline
     python bench/quality.py --write-results --notes bench/quality_notes.md   # the full table: bench/RESULTS.md
 
 `--table supervised` is the supervised-only table instead: no pretraining; the shipped CPU recipe
