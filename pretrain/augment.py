@@ -78,7 +78,7 @@ class WaveAugment(nn.Module):
         self.steps = nn.ModuleList(steps)
 
     def forward(self, audio: Tensor) -> Tensor:
-        if not self.training or (not self.steps and self.config.reverb == 0):
+        if not self.training:
             return audio
         with torch.autocast(audio.device.type, enabled=False):
             shape = audio.shape
