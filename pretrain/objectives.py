@@ -68,8 +68,9 @@ class TeacherConfig:
     decay rising from `ema_decay` to `ema_decay_end` over the run (cosine), so short runs get a teacher that moves.
     With data.views >= 2 the teacher encodes the clip's last view and the student the first (BYOL-A, M2D): with
     the recipe's `augment` each view is coloured on its own, so the student learns what survives the colouring. The
-    targets are matched by patch position, so the views should cover the same time: clips packed as segments of
-    data.clip_seconds (`shards pack --segment-seconds`) give crops that do."""
+    targets are matched by patch position, so the views should cover the same time: data.view_source=channels
+    (one crop, a view per channel: the two renderings of a `shards synth --pair-fonts` track, which differ by
+    SoundFont) or clips packed as segments of data.clip_seconds (`shards pack --segment-seconds`) give views that do."""
 
     weight: float = 0.0
     mask_ratio: float = 0.6

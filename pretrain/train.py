@@ -4,7 +4,7 @@ Runs the same under `accelerate launch -m pretrain RECIPE.yaml ...` (DDP over GP
 A recipe is plain YAML read into `PretrainRecipe`:
 
     data:        shards.loader.DataConfig, shared with fine-tuning: train (shard dirs / URLs), clip_seconds,
-                 sample_rate, mix_max, mix_probability, same_genre_mix, views, shuffle_buffer, batches_per_epoch, ...
+                 sample_rate, mix_max, mix_probability, same_genre_mix, views, view_source, shuffle_buffer, ...
     model:       pretrain.backbone.ModelConfig, shared with fine-tuning: size (cpu-2 | cpu-4 | tiny | small | base)
                  and optional overrides; max_frames is derived from data.clip_seconds
     objectives:  mae / teacher / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)

@@ -58,6 +58,8 @@ PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and p
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"
 BadShards = Literal["stop", "skip"]  # what training does with a shard that does not read
 BAD_SHARD_POLICIES = get_args(BadShards)
+ViewSource = Literal["crops", "channels"]  # where the views of a clip come from (see _crops)
+VIEW_SOURCES = get_args(ViewSource)
 MIX_GAIN_DB = (-6.0, 0.0)  # random gain of each clip in a mixture, after matching loudness to the first clip
 MIX_POOL = 32  # recent clips that mixing partners are drawn from
 PEAK = 0.99  # mixtures louder than this are scaled down, never clipped
@@ -443,33 +445,44 @@ def _reader(sample: dict) -> Iterator[tuple[int, int, int, Callable[[int, int], 
         yield audio.samplerate, audio.frames, audio.channels, read
 
 
-def _crops(sample: dict, *, seconds: float, sample_rate: int, views: int, rng: random.Random) -> np.ndarray:
-    """`views` random crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
+def _crops(sample: dict, *, seconds: float, sample_rate: int, views: int, view_source: ViewSource,
+           rng: random.Random) -> np.ndarray:
+    """`views` crops of `seconds`, zero-padded at a random offset when the clip is shorter: (views, samples).
 
+    view_source "crops": each view is its own random crop of the mono mix. "channels": one random crop, and view v
+    is its channel v (modulo the channel count, so a mono clip gives identical views), e.g. the two renderings of a
+    `shards synth --pair-fonts` track packed with `--channels 2`.
     Only the cropped frames are decoded: FLAC is seekable, so a 3 s crop of a long song costs 3 s of decoding.
     Shards already mono at `sample_rate` (what pack writes by default) need no conversion.
     """
     length = round(seconds * sample_rate)
     out = np.zeros((views, length), dtype=np.float32)
     with _reader(sample) as (rate, frames, channels, read):
-        direct = rate == sample_rate and channels == 1
         need = math.ceil(seconds * rate)
+        block, offset = None, 0
         for view in range(views):
-            start = rng.randint(0, frames - need) if frames > need else 0
-            block = read(start, min(need, frames))
-            clip = block[:length, 0] if direct else to_mono(block, rate, sample_rate).numpy()[:length]
-            offset = rng.randint(0, length - len(clip)) if frames < need else 0
+            fresh = block is None or view_source == "crops"
+            if fresh:
+                start = rng.randint(0, frames - need) if frames > need else 0
+                block = read(start, min(need, frames))
+            piece = block[:, view % channels][:, None] if view_source == "channels" else block
+            clip = piece[:length, 0] if rate == sample_rate and piece.shape[1] == 1 else \
+                to_mono(piece, rate, sample_rate).numpy()[:length]
+            if fresh:
+                offset = rng.randint(0, length - len(clip)) if frames < need else 0
             out[view, offset: offset + len(clip)] = clip
     return out
 
 
-def _examples(src: Iterator[dict], *, plan: _Plan, seconds: float, sample_rate: int, views: int) -> Iterator[_Example]:
+def _examples(src: Iterator[dict], *, plan: _Plan, seconds: float, sample_rate: int, views: int,
+              view_source: ViewSource) -> Iterator[_Example]:
     rng = plan.rng("crop")
     for sample in src:
         meta = sample["meta"] if "pcm" in sample else _metadata(sample)
         instruments = frozenset(meta.get("instruments") or ())
         yield _Example(
-            audio=_crops(sample, seconds=seconds, sample_rate=sample_rate, views=views, rng=rng),
+            audio=_crops(sample, seconds=seconds, sample_rate=sample_rate, views=views, view_source=view_source,
+                         rng=rng),
             instruments=instruments,
             genre=vocab.genre_index(meta.get("genre")),
             labelled=bool(instruments),
@@ -561,6 +574,7 @@ def train_batches(
     mix_probability: float = 0.5,
     same_genre_mix: bool = False,
     views: int = 1,
+    view_source: ViewSource = "crops",
     shuffle_buffer: int = 512,
     batches_per_epoch: int | None = None,
     num_workers: int = 0,
@@ -591,6 +605,8 @@ def train_batches(
         raise UserError(f"mix_probability={mix_probability}: must lie between 0 and 1")
     if bad_shards not in BAD_SHARD_POLICIES:
         raise UserError(f"bad_shards={bad_shards!r}: choose one of {', '.join(BAD_SHARD_POLICIES)}")
+    if view_source not in VIEW_SOURCES:
+        raise UserError(f"view_source={view_source!r}: choose one of {', '.join(VIEW_SOURCES)}")
     if (batches_per_epoch is not None and batches_per_epoch < 1) or num_workers < 0:
         raise UserError(f"batches_per_epoch={batches_per_epoch}, num_workers={num_workers}: need >= 1 and >= 0")
     if cache is not None and num_workers > 0:
@@ -619,7 +635,8 @@ def train_batches(
         partial(_split_by_worker, plan=plan),
         partial(_read, plan=plan, bad_shards=bad_shards, cache=cache),
         partial(_shuffle, plan=plan, buffer=shuffle_buffer),
-        partial(_examples, plan=plan, seconds=clip_seconds, sample_rate=sample_rate, views=views),
+        partial(_examples, plan=plan, seconds=clip_seconds, sample_rate=sample_rate, views=views,
+                view_source=view_source),
         partial(_mix, plan=plan, mix_max=mix_max, probability=mix_probability, same_genre=same_genre_mix),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
         partial(_quota, plan=plan),
@@ -784,6 +801,7 @@ class DataConfig:
     mix_probability: float = 0.5  # ... for this share of the examples
     same_genre_mix: bool = False
     views: int = 1  # crops per clip (contrastive pretraining)
+    view_source: ViewSource = "crops"  # views as random crops of the mix, or the channels of one crop
     shuffle_buffer: int = 512
     batches_per_epoch: int | None = None  # default: one pass over the shards
     num_workers: int = 0

@@ -8,7 +8,10 @@ the same layout and the same awkward names, read by the same parsers:
   instruments, bass and (genre-dependent) drums; several excerpts `__K` per song.
 - `IRMAS-TestingData-Part1/Part1/<song>-<N>.wav` + `.txt`: 5-20 s mixtures of 1-4 labelled
   instruments at comparable levels (plus unlabelled bass and drums), one code per line.
-- `unlabeled/track-NNNNN.wav`: 3-12 s of music of random instruments and genres.
+- `unlabeled/track-NNNNN.wav`: 3-12 s of music of random instruments and genres. With `--pair-fonts` each track is
+  rendered twice, with two different SoundFonts drawn per track, and holds the two renderings as its two channels
+  (each a mono mix): the same notes in two timbres, for pretraining views that differ by font
+  (`shards pack --channels 2`, then `data.view_source: channels`).
 
 The package by job: `music` (patches, genre styles, songs and parts), `plans` (which clips, their stems and levels),
 `render` (MIDI -> FluidSynth -> mixed wav) and, here, the command that renders a whole set.
@@ -35,7 +38,11 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
+import soundfile as sf
 
 from core.errors import UserError, non_negative_int, output_folder, positive_int
 from core.progress import progress_bar
@@ -55,6 +62,32 @@ def font_plan(clips: Sequence[Clip], fonts: Sequence[Path], seed: int) -> list[t
     for clip in clips:
         chosen[fonts[seeded_rng(seed, "soundfont", clip.path).randrange(len(fonts))]].append(clip)
     return [(font, group) for font in fonts for group in batches(chosen[font])]
+
+
+def second_renderings(clips: Sequence[Clip], fonts: Sequence[Path], seed: int) -> dict[str, tuple[Clip, Path]]:
+    """For font-paired clips: clip path -> (the clip under a hidden temporary name, a font other than its own).
+
+    The clip's own font is the one `font_plan` draws for it; the second is drawn from the others with the same rng.
+    """
+    pairs = {}
+    for clip in clips:
+        rng = seeded_rng(seed, "soundfont", clip.path)
+        first = rng.randrange(len(fonts))
+        second = fonts[[i for i in range(len(fonts)) if i != first][rng.randrange(len(fonts) - 1)]]
+        path = Path(clip.path)
+        pairs[clip.path] = (replace(clip, path=str(path.with_name(f".{path.stem}.second{path.suffix}"))), second)
+    return pairs
+
+
+def join_pair(out: Path, path: str, second: str) -> None:
+    """Write OUT/path as two channels, the mono mixes of its two renderings (OUT/path, OUT/second), atomically."""
+    first_audio, rate = sf.read(out / path, dtype="float32", always_2d=True)
+    second_audio, _ = sf.read(out / second, dtype="float32", always_2d=True)
+    joined = np.stack([first_audio.mean(axis=1), second_audio.mean(axis=1)], axis=1)
+    temp = (out / path).with_name(Path(path).name + ".tmp")
+    sf.write(temp, joined, rate, subtype="PCM_16", format="WAV")
+    os.replace(temp, out / path)
+    (out / second).unlink()
 
 
 def _prepare(out: Path, options: dict) -> bool:
@@ -93,12 +126,13 @@ def _counts(items: Sequence[dict], key: str) -> dict[str, int]:
 
 
 def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files: int = 24, unlabeled: int = 240,
-               seed: int = 0, soundfonts: Sequence[str | os.PathLike] = (), workers: int | None = None,
-               sample_rate: int = SAMPLE_RATE, progress: bool = True) -> dict:
+               seed: int = 0, soundfonts: Sequence[str | os.PathLike] = (), pair_fonts: bool = False,
+               workers: int | None = None, sample_rate: int = SAMPLE_RATE, progress: bool = True) -> dict:
     """Render the data set under `out` and return (and write) its synth.json summary.
 
     Every clip is rendered with one of `soundfonts` (drawn per clip; default: `default_soundfont()`), so a set
-    rendered with several General MIDI fonts shows each instrument in several timbres.
+    rendered with several General MIDI fonts shows each instrument in several timbres. With `pair_fonts`, each
+    unlabeled clip is rendered with two of them and written as a two-channel file, one rendering per channel.
 
     Audio is written at `sample_rate` (IRMAS's 44.1 kHz by default). FluidSynth does not band-limit what it plays, so
     a low rate folds the top of the spectrum back down: at 16 kHz rendering is about twice as fast, but 6-7.5 kHz
@@ -120,18 +154,26 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
         check_tools(font)
     if len({font.resolve() for font in fonts}) < len(fonts):
         raise UserError(f"--soundfont: {' '.join(map(str, fonts))} names a SoundFont twice; pass each once")
+    if pair_fonts and len(fonts) < 2:
+        raise UserError("--pair-fonts: renders each unlabeled clip with two SoundFonts; pass at least two with "
+                        "--soundfont")
     options = {"train_per_class": train_per_class, "test_files": test_files, "unlabeled": unlabeled, "seed": seed,
                "soundfonts": [str(font.resolve()) for font in fonts], "sample_rate": sample_rate}
+    if pair_fonts:
+        options["pair_fonts"] = True
     if _prepare(out, options):
         return json.loads((out / SUMMARY).read_text())
     plans = {"train": train_clips(seed, train_per_class), "test": test_clips(seed, test_files),
              "unlabeled": unlabeled_clips(seed, unlabeled)}
     clips = [clip for split in plans.values() for clip in split]
     groups = font_plan(clips, fonts, seed)
+    pairs = second_renderings(plans["unlabeled"], fonts, seed) if pair_fonts else {}
+    for font in fonts:
+        groups += [(font, group) for group in batches([clip for clip, second in pairs.values() if second == font])]
     workers = max(1, min(workers or os.cpu_count() or 1, len(groups) or 1))
     started = time.perf_counter()
     summaries: list[dict] = []
-    bar = progress_bar(total=len(clips), desc="synth", unit="clip", enabled=progress)
+    bar = progress_bar(total=sum(len(group) for _, group in groups), desc="synth", unit="clip", enabled=progress)
     if workers == 1:
         for font, group in groups:
             summaries += render_batch(group, font, out, sample_rate)
@@ -143,8 +185,11 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
                 summaries += result.get()
                 bar.update(len(group))
     bar.close()
-    elapsed = time.perf_counter() - started
     by_path = {item["path"]: item for item in summaries}
+    for path, (second, _) in pairs.items():
+        join_pair(out, path, second.path)
+        by_path[path]["soundfont"] = [by_path[path]["soundfont"], by_path.pop(second.path)["soundfont"]]
+    elapsed = time.perf_counter() - started
     listed = {split: [by_path[clip.path] for clip in split_clips] for split, split_clips in plans.items()}
     summary = {
         "format": FORMAT, "version": VERSION, "complete": True, "options": options,
@@ -156,7 +201,7 @@ def synthesize(out: str | os.PathLike, *, train_per_class: int = 24, test_files:
         "train_drums": _counts(listed["train"], "drums"),
         "test_instruments": _counts(listed["test"], "instruments"),
         "test_genres": _counts(listed["test"], "genre"),
-        "soundfonts": _counts(summaries, "soundfont"),
+        "soundfonts": _counts(list(by_path.values()), "soundfont"),
         "clips": {split: [{"path": i["path"], "seconds": i["seconds"], "soundfont": i["soundfont"]} for i in items]
                   for split, items in listed.items()},
     }
@@ -186,6 +231,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--soundfont", nargs="+", default=[], metavar="SF2",
                         help="General MIDI .sf2/.sf3 files; each clip is rendered with one of them, drawn per clip "
                         f"(default {FLUIDR3} if present, else pretty_midi's TimGM6mb.sf2)")
+    parser.add_argument("--pair-fonts", action="store_true",
+                        help="render each unlabeled clip with two different SoundFonts (drawn per clip) and write the "
+                        "two renderings as the file's two channels: views that differ by font for pretraining "
+                        "(pack with --channels 2, pretrain with data.view_source=channels)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="FluidSynth processes in parallel (default: all cores)")
     parser.add_argument("--sample-rate", type=positive_int, default=SAMPLE_RATE,
@@ -197,7 +246,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = synthesize(args.out, train_per_class=args.train_per_class, test_files=args.test_files,
-                         unlabeled=args.unlabeled, seed=args.seed, soundfonts=args.soundfont, workers=args.workers,
+                         unlabeled=args.unlabeled, seed=args.seed, soundfonts=args.soundfont, pair_fonts=args.pair_fonts,
+                         workers=args.workers,
                          sample_rate=args.sample_rate, progress=not args.quiet)
     counts, seconds = summary["counts"], summary["seconds"]
     took = f" in {summary['render_seconds']:.1f} s" if "render_seconds" in summary else " (already rendered)"

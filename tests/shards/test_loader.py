@@ -16,6 +16,7 @@ from core.errors import UserError
 from shards import vocab
 from shards.loader import (DataConfig, SampleCache, eval_samples, sample_count, shard_urls, train_batches,
                            validation_files, validation_mixtures)
+from shards.audio import decode_flac
 from shards.pack import PackOptions, pack
 
 RATE = 16000
@@ -192,6 +193,28 @@ def test_views_are_different_crops_of_one_clip(data):
     assert batch["audio"].shape == (4, 3, 16000)
     long = [i for i, key in enumerate(batch["key"]) if meta[key]["duration"] > 1.0]
     assert long and all(not torch.equal(batch["audio"][i, 0], batch["audio"][i, 1]) for i in long)
+
+
+def test_channel_views_are_the_channels_of_one_crop(data):
+    """view_source=channels: view v is channel v of one crop (the stereo IRMAS clips); a mono clip gives copies."""
+    outdir, meta = data
+    stereo = {sample["__key__"]: decode_flac(sample["flac"])[0]
+              for sample in wds.WebDataset(shard_urls(outdir / "train"), shardshuffle=False)}
+    batches = _batches(_both(outdir), views=2, view_source="channels", clip_seconds=0.5)
+    checked = 0
+    for batch in batches:
+        for i, key in enumerate(batch["key"]):
+            views = batch["audio"][i].numpy()
+            if meta[key]["channels"] == 1:
+                assert np.array_equal(views[0], views[1])
+                continue
+            audio = stereo[key]
+            start = next(s for s in range(len(audio) - 8000 + 1) if np.array_equal(audio[s: s + 8000, 0], views[0]))
+            assert np.array_equal(audio[start: start + 8000, 1], views[1]) and not np.array_equal(views[0], views[1])
+            checked += 1
+    assert checked >= 8
+    with pytest.raises(UserError, match="view_source='frames': choose one of crops, channels"):
+        _batches(outdir, views=2, view_source="frames")
 
 
 def test_same_seed_epoch_rank_replays_identically(data):

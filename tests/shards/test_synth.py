@@ -221,6 +221,16 @@ def test_missing_soundfont_is_one_line_error(tmp_path):
         render.check_tools(Path(__file__))
 
 
+def _mono(path: Path) -> np.ndarray:
+    return sf.read(path, always_2d=True)[0].mean(axis=1)
+
+
+def spectrum(audio: np.ndarray) -> np.ndarray:
+    """Log of the mean magnitude spectrum over 2048-sample frames: the timbre of a clip, whatever its phases."""
+    frames = audio[: len(audio) // 2048 * 2048].reshape(-1, 2048)
+    return np.log(np.abs(np.fft.rfft(frames * np.hanning(2048))).mean(axis=0) + 1e-6)
+
+
 def test_each_clip_draws_one_of_several_soundfonts(tmp_path):
     fonts = [render.default_soundfont(), render.bundled_soundfont()]
     if fonts[0] == fonts[1]:
@@ -233,20 +243,44 @@ def test_each_clip_draws_one_of_several_soundfonts(tmp_path):
     assert summary["soundfonts"] == {name: list(used.values()).count(name) for name in set(used.values())}
     # A clip drawn for a font sounds like that clip rendered with that font alone, not like it rendered with the other
     # (FluidSynth renders a batch as one stream, so the samples differ slightly with the batch's other clips).
-    def spectrum(path: Path) -> np.ndarray:
-        audio = sf.read(path, always_2d=True)[0].mean(axis=1)
-        frames = audio[: len(audio) // 2048 * 2048].reshape(-1, 2048)
-        return np.log(np.abs(np.fft.rfft(frames * np.hanning(2048))).mean(axis=0) + 1e-6)
-
     alone = {font.name: synth.synthesize(tmp_path / font.stem, soundfonts=[font], workers=2, progress=False, **options)
              for font in fonts}
     for path, name in used.items():
         assert {item["soundfont"] for item in alone[name]["clips"]["train"]} == {name}
-        distance = {other: np.abs(spectrum(tmp_path / "two" / path) - spectrum(tmp_path / Path(other).stem / path)).mean()
-                    for other in alone}
+        distance = {other: np.abs(spectrum(_mono(tmp_path / "two" / path))
+                                  - spectrum(_mono(tmp_path / Path(other).stem / path))).mean() for other in alone}
         assert min(distance, key=distance.get) == name, (path, distance)
     with pytest.raises(UserError, match="names a SoundFont twice"):
         synth.synthesize(tmp_path / "dup", soundfonts=[fonts[1], fonts[1]], progress=False, **options)
+
+
+def test_font_pairs_hold_one_rendering_per_channel(tmp_path):
+    fonts = [render.default_soundfont(), render.bundled_soundfont()]
+    if fonts[0] == fonts[1]:
+        pytest.skip("needs FluidR3_GM (fluid-soundfont-gm) next to pretty_midi's TimGM6mb")
+    options = dict(train_per_class=1, test_files=0, unlabeled=3, seed=5, soundfonts=fonts, workers=2, progress=False)
+    paired = synth.synthesize(tmp_path / "paired", pair_fonts=True, **options)
+    single = synth.synthesize(tmp_path / "single", **options)
+    for font in fonts:
+        synth.synthesize(tmp_path / font.stem, **{**options, "soundfonts": [font]})
+    assert paired["options"]["pair_fonts"] and sorted(path.name for path in (tmp_path / "paired" / "unlabeled").iterdir()) \
+        == ["track-00001.wav", "track-00002.wav", "track-00003.wav"]  # no second renderings left behind
+    assert paired["clips"]["train"] == single["clips"]["train"]  # only the unlabeled clips are paired
+    assert sum(paired["soundfonts"].values()) == len(paired["clips"]["train"]) + 2 * 3
+    for item, plain in zip(paired["clips"]["unlabeled"], single["clips"]["unlabeled"]):
+        first, second = item["soundfont"]
+        assert first == plain["soundfont"] and second != first and {first, second} == {font.name for font in fonts}
+        audio, _ = sf.read(tmp_path / "paired" / item["path"], always_2d=True)
+        reference, _ = sf.read(tmp_path / "single" / item["path"], always_2d=True)
+        assert audio.shape == (len(reference), 2)
+        assert np.abs(audio[:, 0] - reference.mean(axis=1)).max() <= 2 / 32768  # the clip as drawn, mixed to mono
+        # the other channel is the clip in the other font: closest to it rendered with that font alone
+        alone = {font.name: sf.read(tmp_path / font.stem / item["path"], always_2d=True)[0].mean(axis=1)
+                 for font in fonts}
+        distance = {name: np.abs(spectrum(audio[:, 1]) - spectrum(mono)).mean() for name, mono in alone.items()}
+        assert min(distance, key=distance.get) == second, distance
+    with pytest.raises(UserError, match="--pair-fonts: .* pass at least two"):
+        synth.synthesize(tmp_path / "one", pair_fonts=True, **{**options, "soundfonts": fonts[:1]})
 
 
 def test_sf3_soundfonts_render(tmp_path):
