@@ -3,6 +3,7 @@
 Builds the classifier (a pretrained or from-scratch backbone, the chosen head and adaptation), streams mixed IRMAS-train
 clips (2-3 clips summed with their labels unioned, SpecAugment, random gain) through `core.trainer.train`, and
 exports `<output_dir>/model/` at every checkpoint and at the end, with per-instrument thresholds tuned on `data.val`.
+With a `consistency` section, each step also learns from unlabeled clips seen as two views (ConsistencyConfig).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -33,7 +35,7 @@ from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment, check_warp
 from pretrain.hub import load_backbone
-from shards.loader import DataConfig, eval_samples, validation_files, validation_mixtures
+from shards.loader import DataConfig, ViewSource, eval_samples, train_batches, validation_files, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
 
@@ -55,6 +57,25 @@ class AugmentConfig(WaveAugmentConfig):
         if not 0 <= self.patchout < 1:
             raise ValueError(f"patchout is the fraction of patches dropped, in [0, 1); got {self.patchout}")
         check_warp(self.warp)
+
+
+@dataclass
+class ConsistencyConfig:
+    """Semi-supervised fine-tuning on unlabeled audio: consistency between two views of a clip (the Pi-model of Laine
+    and Aila 2017; the targets carry no gradient). Each step also draws `batch_size` unlabeled clips as two views and
+    pulls the model's instrument probabilities on the first view towards its own probabilities on the second (soft
+    binary cross-entropy), next to the supervised loss. With the channels of a `shards synth --pair-fonts` pool
+    (packed with --channels 2) as the views, they are the same notes in two SoundFonts: the model learns predictions
+    that do not change with the timbre the labels happen to show. Off while `weight` is 0."""
+
+    weight: float = 0.0
+    train: str | list[str] | None = None  # unlabeled shards (labels, if any, are not read)
+    batch_size: int = 32
+    view_source: ViewSource = "channels"  # the two views: a clip's channels at one crop, or two crops ("crops")
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.batch_size < 1:
+            raise ValueError(f"weight must be >= 0 and batch_size >= 1; got {self.weight} and {self.batch_size}")
 
 
 ThresholdSource = Literal["mixtures", "files", "clips"]
@@ -98,6 +119,7 @@ class FinetuneRecipe:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -240,6 +262,10 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     if not recipe.eval.threshold_sets or not set(recipe.eval.threshold_sets) <= set(THRESHOLD_SOURCES):
         raise UserError(f"{source}: eval.thresholds must be one of {', '.join(THRESHOLD_SOURCES)} or a list of them "
                         f"(e.g. [mixtures, files]); got {recipe.eval.thresholds!r}")
+    consistency = recipe.consistency
+    if consistency.weight and not consistency.train:
+        raise UserError(f"{source}: consistency.weight={consistency.weight} needs unlabeled shards; pass "
+                        "consistency.train=SHARD_DIR (e.g. a `shards synth --pair-fonts` pool packed with --channels 2)")
     if recipe.eval.best not in HEADLINE:
         raise UserError(f"{source}: eval.best must be one of {', '.join(HEADLINE)}; got {recipe.eval.best!r}")
     output_dir = Path(recipe.output_dir)
@@ -258,14 +284,34 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
     warmup = recipe.adapt.warmup_head_steps
 
     def loss_fn(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(augment(batch["audio"]), backbone_grad=0.0 if step < warmup else 1.0)
+        audio, grad = augment(batch["audio"]), 0.0 if step < warmup else 1.0
+        if "unlabeled" not in batch:
+            logits = model(audio, backbone_grad=grad)
+            criterion.to(logits.device)
+            return criterion(logits, batch["targets"], batch["labelled"]), {}
+        views = augment(batch["unlabeled"])  # (B', 2, samples), each view coloured on its own
+        logits = model(torch.cat([audio, views[:, 0]]), backbone_grad=grad)  # one forward: one DDP backward
+        logits, student = logits[: len(audio)], logits[len(audio):]
+        with torch.no_grad():
+            target = torch.sigmoid(model(views[:, 1]).float())
+        agreement = F.binary_cross_entropy_with_logits(student.float(), target)
         criterion.to(logits.device)
-        return criterion(logits, batch["targets"], batch["labelled"]), {}
+        supervised = criterion(logits, batch["targets"], batch["labelled"])
+        return supervised + consistency.weight * agreement, {"supervised": supervised.detach(),
+                                                             "consistency": agreement.detach()}
 
     cache = data.sample_cache()
 
     def batches(epoch: int):
-        return data.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch, cache=cache)
+        labelled = data.batches(batch_size=recipe.train.batch_size, seed=recipe.train.seed, epoch=epoch, cache=cache)
+        if not consistency.weight:
+            return labelled
+        unlabeled = train_batches(consistency.train, batch_size=consistency.batch_size, views=2,
+                                  view_source=consistency.view_source, clip_seconds=data.clip_seconds,
+                                  sample_rate=data.sample_rate, shuffle_buffer=data.shuffle_buffer,
+                                  batches_per_epoch=len(labelled), bad_shards=data.bad_shards,
+                                  seed=recipe.train.seed, epoch=epoch)
+        return ({**batch, "unlabeled": pool["audio"]} for batch, pool in zip(labelled, unlabeled))
 
     layer_decay = recipe.adapt.layer_decay if recipe.adapt.mode == "full" else 1.0
     groups = param_groups(classifier, backbone=classifier.backbone, lr=recipe.train.lr,

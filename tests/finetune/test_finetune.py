@@ -206,6 +206,31 @@ def cli_run(data, backbone_dir, run_module, tmp_path_factory) -> tuple[Path, str
     return output, result.stdout + result.stderr
 
 
+def test_consistency_adds_the_agreement_of_two_views_of_unlabeled_clips(data, backbone_dir, write_shard, run_module,
+                                                                        tmp_path):
+    """consistency: each step also sees unlabeled two-channel clips (the channels as the two views, as a
+    `--pair-fonts` pool gives them) and adds weight x their soft-target agreement to the supervised loss."""
+    def two_timbres(audio: np.ndarray) -> np.ndarray:
+        return np.stack([audio, np.convolve(audio, np.ones(8) / 8, mode="same").astype(np.float32)], axis=1)
+
+    pool = write_shard(tmp_path / "pool", [dict(key=f"pool-{i:04d}", sample_rate=RATE,
+                                                audio=two_timbres(chord((code,), seconds=3.0, seed=500 + i)))
+                                           for i, code in enumerate(INSTRUMENTS * 2)], source="folder")
+    common = ["recipes/finetune/lora.yaml", f"backbone={backbone_dir}", f"data.train={data['train']}",
+              f"data.val={data['val']}", "data.shuffle_buffer=16", f"data.clip_seconds={CLIP}", "train.steps=4",
+              "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every=4", "train.log_every=4",
+              "eval.mixtures=8", "eval.hop_seconds=0.5"]
+    result = run_module("finetune", *common, f"output_dir={tmp_path / 'run'}", "consistency.weight=2.0",
+                        f"consistency.train={pool}", "consistency.batch_size=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["logs"]
+    assert logs["consistency"] > 0 and logs["supervised"] > 0
+    assert logs["loss"] == pytest.approx(logs["supervised"] + 2.0 * logs["consistency"], rel=1e-4)
+    missing = run_module("finetune", *common, f"output_dir={tmp_path / 'missing'}", "consistency.weight=1.0")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    assert "consistency.weight=1.0 needs unlabeled shards; pass consistency.train=SHARD_DIR" in missing.stderr
+
+
 @pytest.fixture(scope="module")
 def trained(cli_run) -> Path:
     return cli_run[0] / "model"
