@@ -1,4 +1,5 @@
-"""`python -m finetune RECIPE.yaml [key=value ...]` and its commands: evaluate, predict, serve, plot-embeddings, yardsticks."""
+"""`python -m finetune RECIPE.yaml [key=value ...]` and its commands: evaluate, predict, calibrate, serve, plot-embeddings,
+yardsticks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ COMMANDS = {
                  "MODEL DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]   score a model on labelled files"),
     "predict": ("finetune.predict:main",
                 "MODEL FILE_OR_FOLDER... [--timeline] [--out predictions.jsonl]   name the instruments in audio"),
+    "calibrate": ("finetune.calibrate:main",
+                  "MODEL DATA... --out NEW_MODEL [--match pooled|instrument]   thresholds for a collection, from its audio"),
     "serve": ("finetune.serve:main", "MODEL [--host 127.0.0.1] [--port 8000] [--max-seconds N]   an HTTP API and page"),
     "plot-embeddings": ("finetune.evaluate:plot_embeddings_main",
                         "MODEL DATA --out FILE.png [--method tsne|pca]   a 2-D map of the model's clip embeddings"),

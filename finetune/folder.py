@@ -4,7 +4,8 @@ A model folder (`<output_dir>/model/`) holds:
 - `backbone/`           the (LoRA-merged) backbone in the Hub format of `pretrain.hub` (plain AST, loadable alone)
 - `head.safetensors`    the classification head; `adapters.safetensors` for bottleneck-adapter models
 - `finetune.json`       labels, head and adaptation settings, clip length, hop, aggregation, thresholds, validation metrics
-- `thresholds.json`     per-instrument decision thresholds (tuned on the validation split)
+- `thresholds.json`     per-instrument decision thresholds (tuned on the validation split, or moved to a collection by
+                        `finetune calibrate`)
 - `README.md`           model card
 - for a linear head on the pooled embedding without bottleneck adapters, also `config.json`, `model.safetensors` and
   `preprocessor_config.json`: an `ASTForAudioClassification` folder (id2label = instrument names, problem_type
@@ -50,6 +51,7 @@ class ModelInfo:
     aggregate: str
     thresholds: list[float]
     validation: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # set by `finetune calibrate`: the collection, the match
     format: str = FORMAT
 
 

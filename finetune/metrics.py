@@ -46,6 +46,14 @@ def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarra
     return thresholds
 
 
+def positive_rates(probabilities: np.ndarray, thresholds: np.ndarray) -> dict[str, list[float]]:
+    """Where each threshold cuts (N, C) scores: the share of the N examples it flags ("positive_rates") and the share of
+    all N x C scores at or above it ("pooled_rates"). `finetune calibrate` moves thresholds to the same shares of a
+    new collection's scores."""
+    return {"positive_rates": (probabilities >= thresholds).mean(axis=0).tolist(),
+            "pooled_rates": [float((probabilities >= t).mean()) for t in thresholds]}
+
+
 def multilabel_metrics(probabilities: np.ndarray, targets: np.ndarray, thresholds: np.ndarray,
                        labels: list[str]) -> dict:
     """Headline and per-instrument metrics of thresholded predictions and of the ranking by probability."""

@@ -29,7 +29,7 @@ from finetune.folder import FinetunedModel, ModelInfo, save_model
 from finetune.heads import HeadConfig
 from finetune.inference import AGGREGATES, Aggregate, infer
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
-from finetune.metrics import HEADLINE, multilabel_metrics, tune_thresholds
+from finetune.metrics import HEADLINE, multilabel_metrics, positive_rates, tune_thresholds
 from finetune.model import Classifier, fit_backbone
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
@@ -242,7 +242,8 @@ def exporter(recipe: FinetuneRecipe, output_dir: Path, *, resumed: bool, sets: d
             best = {"metric": recipe.eval.best, "value": score, "step": state["step"]}
             logged["best"] = score
             info.validation = {**logged, "count": len(pooled[1]), "step": state["step"],
-                               "thresholds_from": recipe.eval.threshold_name, "precision": precision, "best": best}
+                               "thresholds_from": recipe.eval.threshold_name, "precision": precision, "best": best,
+                               **positive_rates(pooled[0], thresholds)}
         card = {"recipe": to_dict(recipe), "steps": state["step"]}
         save_model(classifier, output_dir / "model", info, card=card)
         return logged

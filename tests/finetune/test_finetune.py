@@ -403,6 +403,52 @@ def test_predict_survives_a_corrupt_file(trained, tmp_path, capsys):
     assert answers[0]["timeline"][-1] == {**answers[0]["timeline"][-1], "start": 6.3, "end": 7.3}
 
 
+def test_calibrate_moves_thresholds_to_the_validation_shares_of_a_collection(trained, run_module, tmp_path):
+    """Calibrated thresholds flag the same share of the collection's scores as the exported ones flagged on validation
+    (per instrument, or of all scores pooled); only a copy of the model changes."""
+    from finetune.calibrate import calibrate, collection_scores
+
+    collection = tmp_path / "collection"
+    collection.mkdir()
+    for i in range(24):  # quieter two-instrument pieces than the training clips: another score scale
+        codes = (INSTRUMENTS[i % 11], INSTRUMENTS[(i * 5 + 3) % 11])
+        sf.write(collection / f"piece-{i:02d}.wav", 0.2 * chord(codes, seconds=2.5, seed=900 + i), RATE)
+    validation = json.loads((trained / "finetune.json").read_text())["validation"]
+    assert len(validation["positive_rates"]) == len(validation["pooled_rates"]) == len(INSTRUMENTS)
+    result = run_module("finetune", "calibrate", str(trained), str(collection), "--out", str(tmp_path / "cal"),
+                        "--match", "instrument")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "thresholds calibrated on 24 files (0 unreadable), match instrument" in result.stdout
+    model = load_model(tmp_path / "cal", device="cpu")
+    scores, failed = collection_scores(model, [str(collection)], aggregate=None, hop_seconds=None, batch_size=8,
+                                       progress=False)
+    assert scores.shape == (24, len(INSTRUMENTS)) and failed == 0
+    flagged = (scores >= np.array(model.info.thresholds)).mean(axis=0)
+    assert np.abs(flagged - validation["positive_rates"]).max() <= 1 / 24 + 1e-9
+    assert model.info.calibration["files"] == 24 and model.info.calibration["match"] == "instrument"
+    assert model.info.calibration["thresholds_before"] == load_model(trained, device="cpu").info.thresholds
+    assert json.loads((tmp_path / "cal" / "thresholds.json").read_text()) == dict(zip(INSTRUMENTS, model.info.thresholds))
+    record = calibrate(trained, [str(collection)], tmp_path / "pooled", progress=False)
+    pooled = np.array(record["thresholds"])
+    shares = [(scores >= t).mean() for t in pooled]
+    assert np.abs(np.array(shares) - validation["pooled_rates"]).max() <= 1 / scores.size + 1e-9
+    assert not np.allclose(pooled, model.info.thresholds)
+    # user errors: one line each, and nothing written
+    few = run_module("finetune", "calibrate", str(trained), *map(str, sorted(collection.iterdir())[:5]), "--out",
+                     str(tmp_path / "few"))
+    assert few.returncode == 2 and few.stderr.count("\n") == 1 and "5 readable files" in few.stderr
+    assert not (tmp_path / "few").exists()
+    again = run_module("finetune", "calibrate", str(trained), str(collection), "--out", str(tmp_path / "cal"))
+    assert again.returncode == 2 and "exists; pass a new folder to --out" in again.stderr
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    meta = json.loads((old / "finetune.json").read_text())
+    meta["validation"] = {}
+    (old / "finetune.json").write_text(json.dumps(meta))
+    stale = run_module("finetune", "calibrate", str(old), str(collection), "--out", str(tmp_path / "stale"))
+    assert stale.returncode == 2 and stale.stderr.count("\n") == 1 and "records no validation rates" in stale.stderr
+
+
 def test_bf16_inference_stays_close_to_fp32(trained, data, tmp_path):
     from finetune.evaluate import evaluate
 
