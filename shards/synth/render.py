@@ -140,6 +140,12 @@ def render_stems(stems: Sequence[tuple[float, list[Part]]], soundfont: Path, wor
     fluidsynth(midi, wav, soundfont, sample_rate)
     audio, rate = sf.read(wav, dtype="float32", always_2d=True)
     assert rate == sample_rate, rate
+    asked = round(starts[-1] * sample_rate / TICKS_PER_SECOND) + round(stems[-1][0] * sample_rate)
+    if len(audio) < asked:  # e.g. a full disk: the stems past the cut would read as silence
+        free = shutil.disk_usage(workdir).free / 2 ** 20
+        raise UserError(f"{wav}: FluidSynth wrote {len(audio) / sample_rate:.1f} s of the {asked / sample_rate:.1f} s "
+                        f"asked for ({free:.0f} MiB free there); free disk space or set TMPDIR to a roomier disk, "
+                        "then rerun")
     out = []
     for start, (seconds, _) in zip(starts, stems):
         first, frames = round(start * sample_rate / TICKS_PER_SECOND), round(seconds * sample_rate)
