@@ -56,26 +56,28 @@ FORMAT = "timbre-synth"
 VERSION = 1
 
 
+def drawn_fonts(clip: Clip, fonts: Sequence[Path], seed: int, count: int = 1) -> list[Path]:
+    """`count` different fonts for `clip`, drawn in turn from those left by an rng seeded with its path."""
+    rng, left = seeded_rng(seed, "soundfont", clip.path), list(fonts)
+    return [left.pop(rng.randrange(len(left))) for _ in range(count)]
+
+
 def font_plan(clips: Sequence[Clip], fonts: Sequence[Path], seed: int) -> list[tuple[Path, list[Clip]]]:
-    """Each clip draws one of `fonts` (seeded by its path); batches of clips that share a font, in a fixed order."""
+    """Each clip draws one of `fonts`; batches of clips that share a font, in a fixed order."""
     chosen: dict[Path, list[Clip]] = {font: [] for font in fonts}
     for clip in clips:
-        chosen[fonts[seeded_rng(seed, "soundfont", clip.path).randrange(len(fonts))]].append(clip)
+        chosen[drawn_fonts(clip, fonts, seed)[0]].append(clip)
     return [(font, group) for font in fonts for group in batches(chosen[font])]
 
 
 def second_renderings(clips: Sequence[Clip], fonts: Sequence[Path], seed: int) -> dict[str, tuple[Clip, Path]]:
-    """For font-paired clips: clip path -> (the clip under a hidden temporary name, a font other than its own).
-
-    The clip's own font is the one `font_plan` draws for it; the second is drawn from the others with the same rng.
-    """
+    """For font-paired clips: clip path -> (the clip under a hidden temporary name, its second drawn font; the first
+    is the one `font_plan` renders it with)."""
     pairs = {}
     for clip in clips:
-        rng = seeded_rng(seed, "soundfont", clip.path)
-        first = rng.randrange(len(fonts))
-        second = fonts[[i for i in range(len(fonts)) if i != first][rng.randrange(len(fonts) - 1)]]
         path = Path(clip.path)
-        pairs[clip.path] = (replace(clip, path=str(path.with_name(f".{path.stem}.second{path.suffix}"))), second)
+        pairs[clip.path] = (replace(clip, path=str(path.with_name(f".{path.stem}.second{path.suffix}"))),
+                            drawn_fonts(clip, fonts, seed, count=2)[1])
     return pairs
 
 
@@ -247,8 +249,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = synthesize(args.out, train_per_class=args.train_per_class, test_files=args.test_files,
                          unlabeled=args.unlabeled, seed=args.seed, soundfonts=args.soundfont, pair_fonts=args.pair_fonts,
-                         workers=args.workers,
-                         sample_rate=args.sample_rate, progress=not args.quiet)
+                         workers=args.workers, sample_rate=args.sample_rate, progress=not args.quiet)
     counts, seconds = summary["counts"], summary["seconds"]
     took = f" in {summary['render_seconds']:.1f} s" if "render_seconds" in summary else " (already rendered)"
     print(f"{args.out}: {counts['train']} training clips, {counts['test']} test files, {counts['unlabeled']} unlabeled "
