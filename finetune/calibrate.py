@@ -21,7 +21,6 @@ MIN_FILES files) and be the kind of audio the model will be asked about.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -33,9 +32,8 @@ from core.errors import ArgumentParser, UserError
 from core.progress import progress_bar
 from finetune.folder import FinetunedModel, load_model
 from finetune.inference import add_inference_options
-from finetune.predict import predict, shard_entries
+from finetune.predict import entries, input_count, predict
 from shards.inputs import expand
-from shards.loader import sample_count
 
 MATCHES = ("pooled", "instrument")
 MIN_FILES = 20
@@ -55,12 +53,10 @@ def collection_scores(model: FinetunedModel, data: list[str], *, aggregate: str 
                       batch_size: int, progress: bool = True) -> tuple[np.ndarray, int]:
     """(N, C) file-level probabilities of every readable file or shard sample in `data`, and how many failed."""
     named = list(expand(data))
-    entries = itertools.chain.from_iterable(
-        shard_entries(name, model.info.sample_rate, set()) if shards else [name] for name, shards in named)
-    bar = progress_bar(total=sum(sample_count(name) if shards else 1 for name, shards in named), desc="calibrate",
-                       unit="file", enabled=progress)
+    bar = progress_bar(total=input_count(named), desc="calibrate", unit="file", enabled=progress)
     scores, failed = [], 0
-    for answer in predict(model, entries, aggregate=aggregate, hop_seconds=hop_seconds, batch_size=batch_size):
+    for answer in predict(model, entries(named, model.info.sample_rate), aggregate=aggregate, hop_seconds=hop_seconds,
+                          batch_size=batch_size):
         bar.update()
         if "error" in answer:
             failed += 1

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +85,25 @@ def predict(model: FinetunedModel, files: Iterable[str | tuple[str, torch.Tensor
         yield {"file": names[failed], "error": errors[failed]}
 
 
-def shard_entries(spec: str, sample_rate: int, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def shard_entries(spec: str, sample_rate: int, skip: Set[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(SPEC#KEY, audio) of every sample in the shards of `spec` not named in `skip`."""
     for example in shard_examples(spec, sample_rate):
         name = f"{spec}#{example.key}"
         if name not in skip:
             yield name, example.audio
+
+
+def input_count(named: list[tuple[str, bool]]) -> int:
+    """How many files and shard samples `expand`ed inputs hold."""
+    return sum(sample_count(name) if shards else 1 for name, shards in named)
+
+
+def entries(named: list[tuple[str, bool]], sample_rate: int, skip: Set[str] = frozenset()
+            ) -> Iterator[str | tuple[str, torch.Tensor]]:
+    """What `predict` takes for `expand`ed inputs: each file name, and (SPEC#KEY, audio) of each shard sample; those
+    named in `skip` left out."""
+    return itertools.chain.from_iterable(
+        shard_entries(name, sample_rate, skip) if shards else [name] * (name not in skip) for name, shards in named)
 
 
 def main(argv: list[str]) -> int:
@@ -108,15 +121,12 @@ def main(argv: list[str]) -> int:
     named = list(expand(args.files))
     out = output_file(args.out) if args.out else None
     earlier = _answered(out) if out else set()
-    inputs = sum(sample_count(name) if shards else 1 for name, shards in named)
+    inputs = input_count(named)
     model = load_model(args.model, precision=args.precision)
-    entries = itertools.chain.from_iterable(
-        shard_entries(name, model.info.sample_rate, earlier) if shards else [name] * (name not in earlier)
-        for name, shards in named)
     failed, answered = [], 0
     with open(out, "a") if out else contextlib.nullcontext(sys.stdout) as sink:
         bar = progress_bar(total=inputs - len(earlier), desc="predict", unit="file", enabled=out is not None)
-        for answer in predict(model, entries, timeline=args.timeline, aggregate=args.aggregate,
+        for answer in predict(model, entries(named, model.info.sample_rate, earlier), timeline=args.timeline, aggregate=args.aggregate,
                               hop_seconds=args.hop_seconds, batch_size=args.batch_size):
             sink.write(json.dumps(answer) + "\n")
             sink.flush()
