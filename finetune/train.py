@@ -286,18 +286,16 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
 
     def loss_fn(model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         audio, grad = augment(batch["audio"]), 0.0 if step < warmup else 1.0
-        if "unlabeled" not in batch:
-            logits = model(audio, backbone_grad=grad)
-            criterion.to(logits.device)
-            return criterion(logits, batch["targets"], batch["labelled"]), {}
-        views = augment(batch["unlabeled"])  # (B', 2, samples), each view coloured on its own
-        logits = model(torch.cat([audio, views[:, 0]]), backbone_grad=grad)  # one forward: one DDP backward
-        logits, student = logits[: len(audio)], logits[len(audio):]
+        views = augment(batch["unlabeled"]) if "unlabeled" in batch else None  # (B', 2, samples), coloured apart
+        # the labelled clips and the first views in one forward, so DDP sees one backward
+        logits = model(audio if views is None else torch.cat([audio, views[:, 0]]), backbone_grad=grad)
+        criterion.to(logits.device)
+        supervised = criterion(logits[: len(audio)], batch["targets"], batch["labelled"])
+        if views is None:
+            return supervised, {}
         with torch.no_grad():
             target = torch.sigmoid(model(views[:, 1]).float())
-        agreement = F.binary_cross_entropy_with_logits(student.float(), target)
-        criterion.to(logits.device)
-        supervised = criterion(logits, batch["targets"], batch["labelled"])
+        agreement = F.binary_cross_entropy_with_logits(logits[len(audio):].float(), target)
         return supervised + consistency.weight * agreement, {"supervised": supervised.detach(),
                                                              "consistency": agreement.detach()}
 
