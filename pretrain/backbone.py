@@ -248,7 +248,12 @@ class Backbone(nn.Module):
             x = rearrange(x + self.grid_position[:, : x.shape[2]], "b f t d -> b (f t) d")
         else:
             positions = rearrange(self.grid_position[:, : self.grid(frames)[1]], "f t d -> (f t) d")
-            x = self.patch_embed.kept(features, keep) + positions[keep]
+            # A gather per clip: its backward sums the clips' position gradients in a fixed order, where indexing
+            # with `keep` (eager) and embedding (compiled) add them atomically on CPUs, so runs with patchout or
+            # masking differed from one another under one seed.
+            positions = torch.gather(repeat(positions, "n d -> b n d", b=batch), 1,
+                                     repeat(keep, "b k -> b k d", d=positions.shape[-1]))  # (B, K, D)
+            x = self.patch_embed.kept(features, keep) + positions
         special = torch.cat([self.cls_token, self.dist_token], dim=1) + self.token_position
         x = self.dropout(torch.cat([special.expand(batch, -1, -1), x], dim=1))
         for block in self.blocks:
