@@ -93,3 +93,16 @@ class MultiLabelLoss(torch.nn.Module):
             positive = positive * self.pos_weight
         negative = shifted.pow(config.asl_gamma_negative) * torch.log((1 - shifted).clamp_min(1e-8))
         return -(targets * positive + (1 - targets) * negative)
+
+
+def view_agreement(logits: Tensor, target: Tensor, *, confidence: float = 0.0) -> Tensor:
+    """How far one view's logits (B, C) are from the instrument probabilities `target` (B, C) that the model gave
+    another view (computed without gradient). confidence 0: soft binary cross-entropy to the probabilities (the
+    Pi-model). confidence c > 0.5: FixMatch's rule (Sohn et al. 2020) per instrument: hard targets where the other view
+    is sure (probability >= c present, <= 1 - c absent), the rest ignored; averaged over all entries, so the term
+    grows as the model grows sure."""
+    if not confidence:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+    sure = ((target >= confidence) | (target <= 1 - confidence)).float()
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), (target >= confidence).float(),
+                                                                weight=sure)

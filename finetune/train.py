@@ -17,7 +17,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -28,7 +27,7 @@ from finetune.adapters import AdaptConfig, prepare
 from finetune.folder import FinetunedModel, ModelInfo, save_model
 from finetune.heads import HeadConfig
 from finetune.inference import AGGREGATES, Aggregate, infer
-from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts
+from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts, view_agreement
 from finetune.metrics import HEADLINE, multilabel_metrics, positive_rates, tune_thresholds
 from finetune.model import Classifier, fit_backbone
 from pretrain.augment import WaveAugment, WaveAugmentConfig
@@ -72,10 +71,15 @@ class ConsistencyConfig:
     train: str | list[str] | None = None  # unlabeled shards (labels, if any, are not read)
     batch_size: int = 32
     view_source: ViewSource = "channels"  # the two views: a clip's channels at one crop, or two crops ("crops")
+    # 0: soft targets (the second view's probabilities); c in (0.5, 1): FixMatch's hard targets where the second view
+    # is sure (probability >= c or <= 1 - c), the other instruments ignored (finetune.losses.view_agreement)
+    confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.batch_size < 1:
             raise ValueError(f"weight must be >= 0 and batch_size >= 1; got {self.weight} and {self.batch_size}")
+        if self.confidence and not 0.5 < self.confidence < 1:
+            raise ValueError(f"confidence is 0 (soft targets) or a probability in (0.5, 1); got {self.confidence}")
 
 
 ThresholdSource = Literal["mixtures", "files", "clips"]
@@ -295,7 +299,7 @@ def run(recipe: FinetuneRecipe, *, source: str = "recipe") -> Path:
             return supervised, {}
         with torch.no_grad():
             target = torch.sigmoid(model(views[:, 1]).float())
-        agreement = F.binary_cross_entropy_with_logits(logits[len(audio):].float(), target)
+        agreement = view_agreement(logits[len(audio):], target, confidence=consistency.confidence)
         return supervised + consistency.weight * agreement, {"supervised": supervised.detach(),
                                                              "consistency": agreement.detach()}
 
