@@ -103,6 +103,6 @@ def view_agreement(logits: Tensor, target: Tensor, *, confidence: float = 0.0) -
     grows as the model grows sure."""
     if not confidence:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
-    sure = ((target >= confidence) | (target <= 1 - confidence)).float()
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), (target >= confidence).float(),
-                                                                weight=sure)
+    present = target >= confidence
+    sure = present | (target <= 1 - confidence)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), present.float(), weight=sure.float())

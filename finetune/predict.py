@@ -126,8 +126,8 @@ def main(argv: list[str]) -> int:
     failed, answered = [], 0
     with open(out, "a") if out else contextlib.nullcontext(sys.stdout) as sink:
         bar = progress_bar(total=inputs - len(earlier), desc="predict", unit="file", enabled=out is not None)
-        for answer in predict(model, entries(named, model.info.sample_rate, earlier), timeline=args.timeline, aggregate=args.aggregate,
-                              hop_seconds=args.hop_seconds, batch_size=args.batch_size):
+        for answer in predict(model, entries(named, model.info.sample_rate, earlier), timeline=args.timeline,
+                              aggregate=args.aggregate, hop_seconds=args.hop_seconds, batch_size=args.batch_size):
             sink.write(json.dumps(answer) + "\n")
             sink.flush()
             bar.update()

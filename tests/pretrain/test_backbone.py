@@ -157,8 +157,10 @@ def test_gradients_with_keep_are_the_same_on_every_run(compiled: bool) -> None:
     features = torch.randn(16, 298, 128)
     grid_f, grid_t = model.grid(298)
     keep = torch.stack([torch.randperm(grid_f * grid_t)[: grid_f * grid_t // 4] for _ in range(16)])
-    step = torch.compile(lambda: model(features, keep=keep).tokens.square().mean()) if compiled else \
-        (lambda: model(features, keep=keep).tokens.square().mean())
+    def loss() -> torch.Tensor:
+        return model(features, keep=keep).tokens.square().mean()
+
+    step = torch.compile(loss) if compiled else loss
     runs = []
     for _ in range(4):
         model.zero_grad()
