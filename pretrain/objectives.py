@@ -105,7 +105,11 @@ class ElectraConfig:
 
 @dataclass
 class MetricConfig:
-    """Clip-embedding losses: NT-Xent between two views, hierarchical-margin triplets for labelled clips."""
+    """Clip-embedding losses: NT-Xent between two views, hierarchical-margin triplets for labelled clips.
+
+    Being clip-level, it is the one objective that also trains overlapping patches (model.frequency_stride <
+    patch_size), the geometry the scratch fine-tuning recipe uses; `patchout` then drops that fraction of each view's
+    patch tokens at random (PaSST), as fine-tuning does: fewer tokens per step, and views that differ more."""
 
     weight: float = 0.0
     projection_size: int = 128
@@ -118,6 +122,11 @@ class MetricConfig:
     max_clips: int = 128  # labelled clips per step used to build triplets (bounds the O(M^3) search)
     max_triplets: int = 20000
     spec_augment: bool = True  # SpecAugment on each view
+    patchout: float = 0.0  # fraction of each view's patch tokens dropped at random; 0 keeps all
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.patchout < 1:
+            raise ValueError(f"metric.patchout is the fraction of patches dropped, in [0, 1); got {self.patchout}")
 
 
 @dataclass
@@ -412,8 +421,11 @@ class Pretrainer(AudioEncoder):
     def __init__(self, *, backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
         if not objectives.enabled():
             raise ValueError(f"no objective enabled; give one of objectives.{{{', '.join(OBJECTIVES)}}} a weight > 0")
-        if backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size:
-            raise ValueError("pretraining needs non-overlapping patches: frequency_stride = time_stride = patch_size")
+        patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
+        if patchwise and (backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size):
+            raise ValueError(f"objectives.{' and '.join(patchwise)} need non-overlapping patches (overlapping ones "
+                             "show each masked patch through its neighbours): set model.frequency_stride and "
+                             "model.time_stride to the patch size, or train objectives.metric alone")
         super().__init__(backbone=Backbone(backbone))
         self.objectives = objectives
         patch_values = backbone.patch_size**2
@@ -541,5 +553,9 @@ class Pretrainer(AudioEncoder):
         views = rearrange(features, "b v t f -> (v b) t f")
         if self.objectives.metric.spec_augment:
             views = self.augment(views)
-        projected = F.normalize(self.projector(self.backbone(views).embedding).float(), dim=-1)
+        keep = None
+        if self.training and self.objectives.metric.patchout:
+            scores = random_scores(views.shape[0], self.backbone.grid(views.shape[1]), views.device)
+            keep, _ = mask_from_scores(scores, self.objectives.metric.patchout)
+        projected = F.normalize(self.projector(self.backbone(views, keep=keep).embedding).float(), dim=-1)
         return self.metric(rearrange(projected, "(v b) p -> v b p", v=features.shape[1]), batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -167,6 +168,48 @@ def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, featur
         losses.append(float(loss.detach()))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.9 * first, (objective, losses)
+
+
+def test_metric_alone_trains_overlapping_patches_with_patchout_and_the_patchwise_objectives_refuse_them(features):
+    overlapping = dataclasses.replace(TINY, frequency_stride=4)  # 29 x 6 patches of 1 s clips
+    metric = MetricConfig(weight=1.0, projection_size=32, patchout=0.75)
+    alone = ObjectivesConfig(mae=MAEConfig(weight=0.0), metric=metric)  # MAE's weight is 1 unless said
+    torch.manual_seed(0)
+    model = Pretrainer(backbone=overlapping, objectives=alone)
+    tokens = []
+    model.backbone.register_forward_hook(lambda module, args, kwargs, output: tokens.append(output.tokens.shape[1]),
+                                         with_kwargs=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    clips = features["train"][:16]
+    labels = [[vocab.INSTRUMENTS[i % 11]] for i in range(16)]
+    batch = {"targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
+             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
+             "genre": torch.arange(16) % 5, "labelled": torch.arange(16) % 4 != 0}
+    views = torch.stack([clips, clips.roll(3, dims=1)], dim=1)
+
+    def evaluated() -> float:  # every patch, one SpecAugment draw
+        model.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            terms = model.metric_terms(views, batch)
+        model.train()
+        return float(terms["ntxent"] + terms["triplet"])
+
+    before = evaluated()
+    for step in range(30):
+        torch.manual_seed(step)
+        terms = model.metric_terms(views, batch)
+        (terms["ntxent"] + terms["triplet"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert evaluated() < 0.9 * before
+    assert tokens[1] == 29 * 6 - round(0.75 * 29 * 6) and tokens[0] == tokens[-1] == 29 * 6  # patchout in training only
+    for name in ("mae", "teacher", "electra"):
+        with pytest.raises(ValueError, match=f"objectives.{name} need non-overlapping patches"):
+            Pretrainer(backbone=overlapping, objectives=dataclasses.replace(
+                alone, **{name: dataclasses.replace(getattr(alone, name), weight=1.0)}))
+    with pytest.raises(ValueError, match="metric.patchout"):
+        MetricConfig(patchout=1.0)
 
 
 def test_with_two_views_the_student_reads_the_first_and_the_teacher_the_last():
