@@ -58,7 +58,7 @@ PACK_HINT = "write shards with `python -m shards pack SOURCE INPUT OUTDIR` and p
 VERIFY_HINT = "check the pack with `python -m shards verify OUTDIR` and re-pack what it names"
 BadShards = Literal["stop", "skip"]  # what training does with a shard that does not read
 BAD_SHARD_POLICIES = get_args(BadShards)
-ViewSource = Literal["crops", "channels"]  # where the views of a clip come from (see _crops)
+ViewSource = Literal["crops", "channels", "channel-crops"]  # where the views of a clip come from (see _crops)
 VIEW_SOURCES = get_args(ViewSource)
 MIX_GAIN_DB = (-6.0, 0.0)  # random gain of each clip in a mixture, after matching loudness to the first clip
 MIX_POOL = 32  # recent clips that mixing partners are drawn from
@@ -451,7 +451,9 @@ def _crops(sample: dict, *, seconds: float, sample_rate: int, views: int, view_s
 
     view_source "crops": each view is its own random crop of the mono mix. "channels": one random crop, and view v
     is its channel v (modulo the channel count, so a mono clip gives identical views), e.g. the two renderings of a
-    `shards synth --pair-fonts` track packed with `--channels 2`.
+    `shards synth --pair-fonts` track packed with `--channels 2`. "channel-crops": view v is its own random crop of
+    channel v, so paired renderings give views that share the instruments but neither the timbre nor the notes
+    (tracks packed whole, not as segments of the clip's length, for crops that differ).
     Only the cropped frames are decoded: FLAC is seekable, so a 3 s crop of a long song costs 3 s of decoding.
     Shards already mono at `sample_rate` (what pack writes by default) need no conversion.
     """
@@ -461,11 +463,11 @@ def _crops(sample: dict, *, seconds: float, sample_rate: int, views: int, view_s
         need = math.ceil(seconds * rate)
         block, offset = None, 0
         for view in range(views):
-            fresh = block is None or view_source == "crops"
+            fresh = block is None or view_source != "channels"
             if fresh:
                 start = rng.randint(0, frames - need) if frames > need else 0
                 block = read(start, min(need, frames))
-            piece = block[:, view % channels][:, None] if view_source == "channels" else block
+            piece = block if view_source == "crops" else block[:, view % channels][:, None]
             clip = piece[:length, 0] if rate == sample_rate and piece.shape[1] == 1 else \
                 to_mono(piece, rate, sample_rate).numpy()[:length]
             if fresh:
@@ -801,7 +803,7 @@ class DataConfig:
     mix_probability: float = 0.5  # ... for this share of the examples
     same_genre_mix: bool = False
     views: int = 1  # crops per clip (contrastive pretraining)
-    view_source: ViewSource = "crops"  # views as random crops of the mix, or the channels of one crop
+    view_source: ViewSource = "crops"  # views as random crops of the mix, the channels of one crop, or a crop each
     shuffle_buffer: int = 512
     batches_per_epoch: int | None = None  # default: one pass over the shards
     num_workers: int = 0

@@ -213,8 +213,24 @@ def test_channel_views_are_the_channels_of_one_crop(data):
             assert np.array_equal(audio[start: start + 8000, 1], views[1]) and not np.array_equal(views[0], views[1])
             checked += 1
     assert checked >= 8
-    with pytest.raises(UserError, match="view_source='frames': choose one of crops, channels"):
+    with pytest.raises(UserError, match="view_source='frames': choose one of crops, channels, channel-crops"):
         _batches(outdir, views=2, view_source="frames")
+
+
+def test_channel_crop_views_are_crops_of_their_own_channel_at_their_own_time(data):
+    """view_source=channel-crops: view v is a random crop of channel v (paired renderings: other timbre, other notes)."""
+    outdir, meta = data
+    stereo = {sample["__key__"]: decode_flac(sample["flac"])[0]
+              for sample in wds.WebDataset(shard_urls(outdir / "train"), shardshuffle=False)}
+    starts = []
+    for batch in _batches(_both(outdir), views=2, view_source="channel-crops", clip_seconds=0.5):
+        for i, key in enumerate(batch["key"]):
+            if meta[key]["channels"] == 2:
+                audio, views = stereo[key], batch["audio"][i].numpy()
+                starts.append([next(s for s in range(len(audio) - 8000 + 1)
+                                    if np.array_equal(audio[s: s + 8000, channel], views[channel]))
+                               for channel in (0, 1)])
+    assert len(starts) >= 8 and sum(first != second for first, second in starts) >= len(starts) // 2
 
 
 def test_same_seed_epoch_rank_replays_identically(data):
