@@ -422,7 +422,8 @@ class Pretrainer(AudioEncoder):
         if not objectives.enabled():
             raise ValueError(f"no objective enabled; give one of objectives.{{{', '.join(OBJECTIVES)}}} a weight > 0")
         patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
-        if patchwise and (backbone.frequency_stride != backbone.patch_size or backbone.time_stride != backbone.patch_size):
+        overlapping = (backbone.frequency_stride, backbone.time_stride) != (backbone.patch_size, backbone.patch_size)
+        if patchwise and overlapping:
             raise ValueError(f"objectives.{' and '.join(patchwise)} need non-overlapping patches (overlapping ones "
                              "show each masked patch through its neighbours): set model.frequency_stride and "
                              "model.time_stride to the patch size, or train objectives.metric alone")

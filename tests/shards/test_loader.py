@@ -218,7 +218,7 @@ def test_channel_views_are_the_channels_of_one_crop(data):
 
 
 def test_channel_crop_views_are_crops_of_their_own_channel_at_their_own_time(data):
-    """view_source=channel-crops: view v is a random crop of channel v (paired renderings: other timbre, other notes)."""
+    """view_source=channel-crops: view v is a random crop of channel v (paired renderings: other timbre and notes)."""
     outdir, meta = data
     stereo = {sample["__key__"]: decode_flac(sample["flac"])[0]
               for sample in wds.WebDataset(shard_urls(outdir / "train"), shardshuffle=False)}
