@@ -80,8 +80,9 @@ SF2 = Path("/usr/share/sounds/sf2")
 DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
 OBJECTIVES = ("mae", "teacher", "electra", "metric", "combined")
 VAL_FRACTION = 0.2
-# Pretraining needs non-overlapping patches, so a pretrained backbone fine-tunes with the recipe's patch geometry
-# dropped (its own, stride 16) and without the patchout that the overlapping scratch geometry is measured with.
+# MAE, teacher and ELECTRA need non-overlapping patches, so a pretrained backbone fine-tunes with the recipe's patch
+# geometry dropped (its own, stride 16) and without the patchout that the overlapping scratch geometry is measured with.
+# (The metric objective alone can pretrain the overlapping geometry; measured by hand, bench/quality_notes.md.)
 PRETRAINED_FINETUNE = ("model.frequency_stride=null", "augment.patchout=0.0")
 ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "map", "same_font_macro_f1", "same_font_lrap", "calibrated_macro_f1",
               "calibrated_micro_f1")  # fine-tune columns

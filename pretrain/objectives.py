@@ -424,7 +424,8 @@ class Pretrainer(AudioEncoder):
         patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
         overlapping = (backbone.frequency_stride, backbone.time_stride) != (backbone.patch_size, backbone.patch_size)
         if patchwise and overlapping:
-            raise ValueError(f"objectives.{' and '.join(patchwise)} need non-overlapping patches (overlapping ones "
+            verb = "needs" if len(patchwise) == 1 else "need"
+            raise ValueError(f"objectives.{' and '.join(patchwise)} {verb} non-overlapping patches (overlapping ones "
                              "show each masked patch through its neighbours): set model.frequency_stride and "
                              "model.time_stride to the patch size, or train objectives.metric alone")
         super().__init__(backbone=Backbone(backbone))

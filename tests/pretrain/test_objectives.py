@@ -205,7 +205,7 @@ def test_metric_alone_trains_overlapping_patches_with_patchout_and_the_patchwise
     assert evaluated() < 0.9 * before
     assert tokens[1] == 29 * 6 - round(0.75 * 29 * 6) and tokens[0] == tokens[-1] == 29 * 6  # patchout in training only
     for name in ("mae", "teacher", "electra"):
-        with pytest.raises(ValueError, match=f"objectives.{name} need non-overlapping patches"):
+        with pytest.raises(ValueError, match=f"objectives.{name} needs non-overlapping patches"):
             Pretrainer(backbone=overlapping, objectives=dataclasses.replace(
                 alone, **{name: dataclasses.replace(getattr(alone, name), weight=1.0)}))
     with pytest.raises(ValueError, match="metric.patchout"):
