@@ -142,16 +142,21 @@ def test_triplet_margins_grow_with_distance_in_the_label_hierarchy():
     assert all(levels[x, y] < levels[x, z] for x, y, z in found)
 
 
+def metric_batch(clips: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """clips (16, T, F) -> two crops of each (16, 2, T, F) and labels: one instrument each, a quarter unlabelled."""
+    labels = [[vocab.INSTRUMENTS[i % 11]] for i in range(16)]
+    batch = {"targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
+             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
+             "genre": torch.arange(16) % 5, "labelled": torch.arange(16) % 4 != 0}
+    return torch.stack([clips, clips.roll(3, dims=1)], dim=1), batch
+
+
 @pytest.mark.parametrize("objective", ["mae", "teacher", "electra", "metric"])
 def test_each_objective_alone_lowers_its_loss_on_a_fixed_batch(objective, features):
     model = pretrainer(**{objective: 1.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     batch_features = features["train"][:16]
-    labels = [[vocab.INSTRUMENTS[i % 11]] for i in range(16)]
-    batch = {"targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
-             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
-             "genre": torch.arange(16) % 5, "labelled": torch.arange(16) % 4 != 0}
-    views = torch.stack([batch_features, batch_features.roll(3, dims=1)], dim=1)  # two crops of each clip
+    views, batch = metric_batch(batch_features)
     losses = []
     for step in range(30):
         torch.manual_seed(step)
@@ -180,12 +185,7 @@ def test_metric_alone_trains_overlapping_patches_with_patchout_and_the_patchwise
     model.backbone.register_forward_hook(lambda module, args, kwargs, output: tokens.append(output.tokens.shape[1]),
                                          with_kwargs=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    clips = features["train"][:16]
-    labels = [[vocab.INSTRUMENTS[i % 11]] for i in range(16)]
-    batch = {"targets": torch.from_numpy(np.stack([vocab.multi_hot(c) for c in labels])),
-             "families": torch.from_numpy(np.stack([vocab.family_multi_hot(c) for c in labels])),
-             "genre": torch.arange(16) % 5, "labelled": torch.arange(16) % 4 != 0}
-    views = torch.stack([clips, clips.roll(3, dims=1)], dim=1)
+    views, batch = metric_batch(features["train"][:16])
 
     def evaluated() -> float:  # every patch, one SpecAugment draw
         model.eval()
