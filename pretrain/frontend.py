@@ -152,6 +152,45 @@ class SpecAugment(nn.Module):
         return features.masked_fill(drop, 0.0)
 
 
+class ResizeCrop(nn.Module):
+    """Random resize crop (BYOL-A's RRC, Niizumi et al. 2021), one draw per clip; a no-op in eval().
+
+    A window of `frequency_scale` x `time_scale` times the clip's mel bins x frames, at a random place, stretched
+    back to the clip's shape. Below 1 a scale zooms in (fewer bins or frames spread over all of them: about a
+    transposition and a slower tempo), above 1 it zooms out (the clip shrunk inside the frame, the rest at the
+    normalised mean, 0). Defaults are BYOL-A's: the band only narrows, time runs 0.6x to 1.5x.
+    """
+
+    def __init__(self, *, frequency_scale: tuple[float, float] = (0.6, 1.0),
+                 time_scale: tuple[float, float] = (0.6, 1.5)) -> None:
+        super().__init__()
+        for low, high in (frequency_scale, time_scale):
+            if not 0 < low <= high:
+                raise ValueError(f"resize-crop scales are ranges 0 < low <= high, got {low}, {high}")
+        self.frequency_scale = frequency_scale
+        self.time_scale = time_scale
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, frames, mels) -> the same shape, each clip resize-cropped."""
+        if not self.training:
+            return features
+        batch, frames, mels = features.shape
+        device = features.device
+
+        def uniform(low: float, high: float) -> Tensor:
+            return low + (high - low) * torch.rand(batch, device=device)
+
+        # affine_grid's x runs along the last axis (mels), y along frames; both span [-1, 1].
+        scale = torch.stack([uniform(*self.frequency_scale), uniform(*self.time_scale)], dim=1)  # (B, 2)
+        shift = (2 * torch.rand(batch, 2, device=device) - 1) * (1 - scale).abs()  # the window stays in the frame
+        theta = torch.cat([torch.diag_embed(scale), shift[:, :, None]], dim=2)  # (B, 2, 3)
+        with torch.autocast(device.type, enabled=False):
+            grid = F.affine_grid(theta, [batch, 1, frames, mels], align_corners=False)
+            cropped = F.grid_sample(features.float()[:, None], grid, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)
+        return cropped[:, 0].to(features.dtype)
+
+
 def stripes(batch: int, length: int, width: int, count: int, device: torch.device) -> Tensor:
     """(batch, length) bool: `count` stripes per row, each of a uniform width in [0, width) at a uniform start."""
     positions = torch.arange(length, device=device)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pretrain.backbone import Backbone, BackboneConfig, Block, patchify, sincos_grid, unpatchify
 from pretrain.encoder import AudioEncoder
-from pretrain.frontend import SpecAugment
+from pretrain.frontend import ResizeCrop, SpecAugment
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration (plain data; the recipe's `objectives` section)
@@ -121,6 +121,7 @@ class MetricConfig:
     genre_margin: float = 0.05  # added when the negative's genre differs from the anchor's
     max_clips: int = 128  # labelled clips per step used to build triplets (bounds the O(M^3) search)
     max_triplets: int = 20000
+    resize_crop: bool = False  # BYOL-A's random resize crop on each view, before SpecAugment
     spec_augment: bool = True  # SpecAugment on each view
     patchout: float = 0.0  # fraction of each view's patch tokens dropped at random; 0 keeps all
 
@@ -454,6 +455,7 @@ class Pretrainer(AudioEncoder):
             )
             self.metric = MetricLosses(config=objectives.metric)
             self.augment = SpecAugment()
+            self.resize_crop = ResizeCrop()
 
     def features(self, audio: Tensor) -> Tensor:
         """(B, S) or (B, V, S) waveforms -> (B, V, frames, mels) log-mel features, cropped to whole patches."""
@@ -553,6 +555,8 @@ class Pretrainer(AudioEncoder):
         if features.shape[1] == 1:
             features = features.expand(-1, 2, -1, -1)
         views = rearrange(features, "b v t f -> (v b) t f")
+        if self.objectives.metric.resize_crop:
+            views = self.resize_crop(views)
         if self.objectives.metric.spec_augment:
             views = self.augment(views)
         keep = None

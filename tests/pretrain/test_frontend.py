@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from transformers import ASTFeatureExtractor
 
-from pretrain.frontend import FrontendConfig, LogMel, SpecAugment
+from pretrain.frontend import FrontendConfig, LogMel, ResizeCrop, SpecAugment
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 TOLERANCE = 1e-4  # normalised log-mel units (one unit is 2 std of AudioSet log-mel)
@@ -108,6 +108,26 @@ def test_spec_augment_masks_stripes_per_clip_and_only_in_training() -> None:
     assert time_stripes.sum(dim=1).max() <= 2 * 47 and freq_stripes.sum(dim=1).max() <= 2 * 23
     assert zero.any(dim=(1, 2)).all()
     assert len({tuple(row.nonzero().flatten().tolist()) for row in time_stripes}) > 1  # clips differ
+
+
+def test_resize_crop_stretches_a_window_of_each_clip_back_to_its_shape_in_training_only() -> None:
+    torch.manual_seed(0)
+    mels = torch.arange(128.0) + 1.0  # a ramp over the mel bins, the same in every frame
+    features = mels.expand(16, 300, 128).clone()
+    assert ResizeCrop().eval()(features) is features
+    torch.testing.assert_close(ResizeCrop(frequency_scale=(1, 1), time_scale=(1, 1)).train()(features), features)
+
+    narrowed = ResizeCrop(frequency_scale=(0.5, 0.5), time_scale=(1, 1)).train()(features)
+    spans = narrowed[:, 0, -1] - narrowed[:, 0, 0]  # half the band spread over every bin: the ramp half as steep
+    torch.testing.assert_close(spans, torch.full((16,), 63.5), atol=0.6, rtol=0)
+    torch.testing.assert_close(narrowed, narrowed[:, :1].expand_as(narrowed))  # time untouched
+    assert len({round(float(low), 2) for low in narrowed[:, 0, 0]}) > 8  # each clip's window at its own place
+
+    shrunk = ResizeCrop(frequency_scale=(1, 1), time_scale=(1.5, 1.5)).train()(features)
+    silent = (shrunk.abs() < 1e-6).all(dim=2).sum(dim=1)  # (clips,) frames outside the shrunk clip, at the mean
+    assert ((silent >= 95) & (silent <= 105)).all()  # a third of 300 frames in every clip
+    with pytest.raises(ValueError, match="resize-crop scales"):
+        ResizeCrop(time_scale=(1.5, 0.6))
 
 
 def test_warp_moves_a_tone_up_or_down_per_clip_in_training_only() -> None:

@@ -212,6 +212,21 @@ def test_metric_alone_trains_overlapping_patches_with_patchout_and_the_patchwise
         MetricConfig(patchout=1.0)
 
 
+def test_metric_views_are_resize_cropped_in_training_only_when_asked(features):
+    views, batch = metric_batch(features["train"][:16])
+    stacked = torch.cat([views[:, 0], views[:, 1]])  # what the backbone reads untouched: (views x clips, T, F)
+    for resize_crop in (False, True):
+        metric = MetricConfig(weight=1.0, projection_size=32, spec_augment=False, resize_crop=resize_crop)
+        model = Pretrainer(backbone=TINY, objectives=ObjectivesConfig(mae=MAEConfig(weight=0.0), metric=metric))
+        read = []
+        model.backbone.register_forward_hook(lambda module, args, output: read.append(args[0]))
+        with torch.no_grad():
+            model.train().metric_terms(views, batch)
+            model.eval().metric_terms(views, batch)
+        assert torch.equal(read[1], stacked)
+        assert torch.equal(read[0], stacked) is not resize_crop
+
+
 def test_with_two_views_the_student_reads_the_first_and_the_teacher_the_last():
     model = pretrainer(teacher=1.0)
     audio = torch.stack([gliding_tones(4, seed=2), gliding_tones(4, seed=3)], dim=1)  # (clips, views, samples)
