@@ -4,9 +4,10 @@ The features are the ones transformers' `ASTFeatureExtractor` computes (Kaldi fb
 `torchaudio.compliance.kaldi.fbank`: 25 ms Hann window, 10 ms hop, DC removal, pre-emphasis 0.97,
 512-point power spectrum, 128 Kaldi mel bins from 20 Hz to Nyquist, natural log, no dither, no
 energy; then `(fbank - mean) / (2 * std)`), so a backbone trained here sees what `AutoFeatureExtractor`
-gives its users, to float32 rounding (within 1e-4 of a normalised unit). Kaldi's reference works on one
-waveform at a time on the CPU; this module does the same arithmetic on a (batch, samples) tensor wherever
-it lives, in an order that costs less (`LogMel.power_spectrum`).
+gives its users, to float32 rounding (within ~1e-4 of a normalised unit; up to 1.1e-4 in the lowest mel
+bins on some CPUs). Kaldi's reference works on one waveform at a time on the CPU; this module does the
+same arithmetic on a (batch, samples) tensor wherever it lives, in an order that costs less
+(`LogMel.power_spectrum`).
 """
 
 from __future__ import annotations
