@@ -33,7 +33,7 @@ from finetune.heads import Head, HeadConfig
 from finetune.model import Classifier
 from pretrain.backbone import Backbone
 from pretrain.hub import ast_config_dict, ast_state_dict, feature_extractor_dict, load_backbone, save_pretrained
-from shards.vocab import INSTRUMENT_NAMES
+from shards.vocab import INSTRUMENT_NAMES, INSTRUMENTS
 
 FORMAT = "timbre-finetune"
 
@@ -139,12 +139,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
     precision = resolve_precision(precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"--precision fp16 needs a CUDA GPU and this run is on {device.type}; use bf16 or fp32")
-    meta_file = path / "finetune.json"
-    if not meta_file.is_file():
-        raise UserError(f"{path}: not a Timbre fine-tuned model folder (no finetune.json); pass <output_dir>/model "
-                        f"of a `python -m finetune RECIPE.yaml` run")
-    meta = json.loads(meta_file.read_text())
-    info = ModelInfo(**{**meta, "head": HeadConfig(**meta["head"]), "adapt": AdaptConfig(**meta["adapt"])})
+    info = read_info(path)
     backbone = load_backbone(str(path / "backbone"))
     adapters = attach_adapters(backbone, info.adapt) if (path / "adapters.safetensors").is_file() else None
     classifier = Classifier(backbone=backbone, head=info.head, classes=len(info.labels), adapters=adapters)
@@ -152,6 +147,34 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, pr
     if adapters is not None:
         adapters.load_state_dict(load_file(path / "adapters.safetensors"))
     return FinetunedModel(classifier=classifier.to(device).eval(), info=info, path=str(path), precision=precision)
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """The `finetune.json` of a model folder."""
+    meta_file = Path(path) / "finetune.json"
+    if not meta_file.is_file():
+        raise UserError(f"{path}: not a Timbre fine-tuned model folder (no finetune.json); pass <output_dir>/model "
+                        f"of a `python -m finetune RECIPE.yaml` run")
+    meta = json.loads(meta_file.read_text())
+    return ModelInfo(**{**meta, "head": HeadConfig(**meta["head"]), "adapt": AdaptConfig(**meta["adapt"])})
+
+
+def load_head(classifier: Classifier, path: str | Path, *, head: HeadConfig, source: str) -> None:
+    """Copy the head of model folder `path` into `classifier`'s head (built from `head`, the recipe's), so a run
+    continues from a fine-tuned model; the labels and the head's kind, pooling and width must match."""
+    path, info = Path(path), read_info(path)
+    if info.labels != list(INSTRUMENTS):
+        raise UserError(f"{path}: its labels ({' '.join(info.labels)}) are not Timbre's ({' '.join(INSTRUMENTS)}); "
+                        f"start from its backbone instead (backbone={path / 'backbone'})")
+    fields = ("kind", "pooling") + (("hidden",) if head.kind in ("mlp", "fluffy") else ())
+    differ = [f"head.{name}={getattr(info.head, name)}" for name in fields if getattr(info.head, name) != getattr(head, name)]
+    if differ:
+        raise UserError(f"{source}: init_from={path} has another head; override {' '.join(differ)} to continue from it, "
+                        f"or start from its backbone alone (backbone={path / 'backbone'})")
+    if (path / "adapters.safetensors").is_file():
+        raise UserError(f"{path}: a model with bottleneck adapters cannot be continued; start from its backbone "
+                        f"(backbone={path / 'backbone'})")
+    classifier.head.load_state_dict(load_file(path / "head.safetensors"))
 
 
 def model_card(info: ModelInfo, transformers_folder: bool, card: dict) -> ModelCard:

@@ -24,7 +24,7 @@ from core.errors import UserError
 from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TrainConfig, check_output_dir, resolve_precision, train
 from finetune.adapters import AdaptConfig, prepare
-from finetune.folder import FinetunedModel, ModelInfo, save_model
+from finetune.folder import FinetunedModel, ModelInfo, load_head, read_info, save_model
 from finetune.heads import HeadConfig
 from finetune.inference import AGGREGATES, Aggregate, infer
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts, view_agreement
@@ -113,6 +113,10 @@ class EvalConfig:
 @dataclass
 class FinetuneRecipe:
     backbone: str | None = None  # pretrained backbone folder or Hub id; omit to train from scratch
+    # a fine-tuned model folder (<output_dir>/model of another run) to continue from: its backbone and its head, which
+    # the recipe's head must match (kind, pooling, width); e.g. a model trained on `shards synth` clips, fine-tuned
+    # on your own labels
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)  # the backbone trained from scratch (no `backbone`)
     output_dir: str = "runs/finetune"
     tracking: str = "none"
@@ -133,15 +137,22 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
     data = recipe.data
     frontend = FrontendConfig(sample_rate=data.sample_rate)
     frames = frontend.num_frames(round(data.clip_seconds * data.sample_rate))
-    if recipe.backbone:
+    if recipe.init_from and recipe.backbone:
+        raise UserError(f"{source}: init_from={recipe.init_from} brings its own backbone, but backbone={recipe.backbone} "
+                        "is given too; drop one of the two (override backbone=null)")
+    if recipe.init_from:
+        read_info(recipe.init_from)  # a one-line error if it is not a model folder, before its backbone loads
+    pretrained = str(Path(recipe.init_from) / "backbone") if recipe.init_from else recipe.backbone
+    if pretrained:
         shaped = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)  # model.size: scratch only
                   if f.name != "size" and getattr(recipe.model, f.name) is not None]
         if shaped:
             nulls = " ".join(f"{key}=null" for key in shaped)
             verb = "shapes" if len(shaped) == 1 else "shape"
-            raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but backbone="
-                            f"{recipe.backbone} is given; drop one of the two (override {nulls})")
-        backbone = load_backbone(recipe.backbone)
+            given = f"init_from={recipe.init_from}" if recipe.init_from else f"backbone={recipe.backbone}"
+            raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but {given} "
+                            f"is given; drop one of the two (override {nulls})")
+        backbone = load_backbone(pretrained)
         if backbone.config.frontend.sample_rate != data.sample_rate:
             raise UserError(f"{source}: the backbone expects {backbone.config.frontend.sample_rate} Hz audio but "
                             f"data.sample_rate is {data.sample_rate}; set data.sample_rate to match")
@@ -160,10 +171,13 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
                                num_freq_masks=augment.num_freq_masks,
                                num_time_masks=augment.num_time_masks) if augment.spec_augment else None
     try:
-        return Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
-                          spec_augment=spec_augment, patchout=augment.patchout, warp=augment.warp)
+        classifier = Classifier(backbone=backbone, head=recipe.head, classes=len(INSTRUMENTS), adapters=adapters,
+                                spec_augment=spec_augment, patchout=augment.patchout, warp=augment.warp)
     except ValueError as error:
         raise UserError(f"{source}: head: {error}") from None
+    if recipe.init_from:
+        load_head(classifier, recipe.init_from, head=recipe.head, source=source)
+    return classifier
 
 
 def validation_sets(recipe: FinetuneRecipe) -> dict[str, list[tuple[np.ndarray, torch.Tensor]]]:

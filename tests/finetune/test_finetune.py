@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 from core.trainer import cpu_has_bf16
 from finetune.folder import load_model, save_model
@@ -447,6 +448,32 @@ def test_calibrate_moves_thresholds_to_the_validation_shares_of_a_collection(tra
     (old / "finetune.json").write_text(json.dumps(meta))
     stale = run_module("finetune", "calibrate", str(old), str(collection), "--out", str(tmp_path / "stale"))
     assert stale.returncode == 2 and stale.stderr.count("\n") == 1 and "records no validation rates" in stale.stderr
+
+
+def test_init_from_continues_a_fine_tuned_model_with_its_head(trained, data, run_module, tmp_path):
+    """init_from=MODEL starts a run from a fine-tuned model's backbone and head: before any step the classifier scores
+    audio exactly as the saved model does, and the CLI run exports the head it was given (zero learning rate)."""
+    recipe = recipe_for(trained / "backbone", data, head__kind="linear", head__pooling="cls")
+    recipe.backbone, recipe.init_from = None, str(trained)
+    audio = torch.from_numpy(np.stack([chord(("pia", "voi"), seconds=CLIP, seed=s) for s in range(2)]))
+    with torch.no_grad():
+        assert torch.allclose(build_classifier(recipe).eval()(audio), load_model(trained, device="cpu").classifier(audio),
+                              atol=1e-5)
+    common = [f"init_from={trained}", f"data.train={data['train']}", f"data.val={data['val']}", "data.shuffle_buffer=8",
+              f"data.clip_seconds={CLIP}", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+              "train.checkpoint_every=2", "eval.mixtures=8", "eval.hop_seconds=0.5"]
+    result = run_module("finetune", "recipes/finetune/lora.yaml", *common, "train.lr=0", "adapt.mode=full",
+                        "adapt.warmup_head_steps=0", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(tmp_path / "run" / "model" / "head.safetensors")
+    assert all(torch.equal(exported[name], value) for name, value in load_file(trained / "head.safetensors").items())
+    other = run_module("finetune", "recipes/finetune/cpu-synth.yaml", *common, "model.frequency_stride=null",
+                       f"output_dir={tmp_path / 'other'}")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "Traceback" not in other.stderr
+    assert f"init_from={trained} has another head; override head.pooling=cls to continue from it" in other.stderr
+    both = run_module("finetune", "recipes/finetune/lora.yaml", *common, f"backbone={trained / 'backbone'}",
+                      f"output_dir={tmp_path / 'both'}")
+    assert both.returncode == 2 and "drop one of the two (override backbone=null)" in both.stderr
 
 
 def test_bf16_inference_stays_close_to_fp32(trained, data, tmp_path):
