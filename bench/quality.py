@@ -272,6 +272,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         if objective not in (*OBJECTIVES, SYNTH_LABELS):
             raise UserError(f"--objectives: unknown objective {objective!r}; choose from "
                             f"{', '.join((*OBJECTIVES, SYNTH_LABELS))}")
+    self_supervised = [name for name in objectives if name != SYNTH_LABELS]
     out, env, runner = stages(args)
     started = time.perf_counter()
     data, shards = out / "data", out / "shards"
@@ -318,7 +319,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         pretrain_data.append(str(labelled[main_n] / "train"))
         pretrain_after += (f"pack-labelled-{main_n}",)
     pretrained: dict[str, dict] = {}
-    for objective in [name for name in objectives if name != SYNTH_LABELS]:
+    for objective in self_supervised:
         run_dir, recipe = out / "pretrain" / objective, RECIPES / "pretrain" / f"{objective}-tiny-synth.yaml"
         runner.run(f"pretrain-{objective}", python(
             "-m", "pretrain", recipe, f"model.size={budget.size}",
@@ -382,7 +383,6 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     # Label efficiency: scratch against the best self-supervised objective (by mean fine-tuned macro F1 at the main
     # budget) and synth-labels.
-    self_supervised = [name for name in objectives if name != SYNTH_LABELS]
     best = max(self_supervised, key=lambda name: rows[name]["macro_f1"]["mean"]) if self_supervised else None
     curve: dict[str, list[dict]] = {}
     for name in [name for name in ("scratch", best, SYNTH_LABELS) if name in rows]:

@@ -159,10 +159,11 @@ def read_info(path: str | Path) -> ModelInfo:
     return ModelInfo(**{**meta, "head": HeadConfig(**meta["head"]), "adapt": AdaptConfig(**meta["adapt"])})
 
 
-def load_head(classifier: Classifier, path: str | Path, *, head: HeadConfig, source: str) -> None:
-    """Copy the head of model folder `path` into `classifier`'s head (built from `head`, the recipe's), so a run
-    continues from a fine-tuned model; the labels and the head's kind, pooling and width must match."""
-    path, info = Path(path), read_info(path)
+def load_head(classifier: Classifier, path: str | Path, info: ModelInfo, *, head: HeadConfig, source: str) -> None:
+    """Copy the head of model folder `path` (whose `finetune.json` is `info`) into `classifier`'s head (built from
+    `head`, the recipe's), so a run continues from a fine-tuned model; the labels and the head's kind, pooling and
+    width must match."""
+    path = Path(path)
     if info.labels != list(INSTRUMENTS):
         raise UserError(f"{path}: its labels ({' '.join(info.labels)}) are not Timbre's ({' '.join(INSTRUMENTS)}); "
                         f"start from its backbone instead (backbone={path / 'backbone'})")

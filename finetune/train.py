@@ -140,8 +140,8 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
     if recipe.init_from and recipe.backbone:
         raise UserError(f"{source}: init_from={recipe.init_from} brings its own backbone, but backbone={recipe.backbone} "
                         "is given too; drop one of the two (override backbone=null)")
-    if recipe.init_from:
-        read_info(recipe.init_from)  # a one-line error if it is not a model folder, before its backbone loads
+    # a one-line error if init_from is not a model folder, before its backbone loads
+    initial = read_info(recipe.init_from) if recipe.init_from else None
     pretrained = str(Path(recipe.init_from) / "backbone") if recipe.init_from else recipe.backbone
     if pretrained:
         shaped = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)  # model.size: scratch only
@@ -175,8 +175,8 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
                                 spec_augment=spec_augment, patchout=augment.patchout, warp=augment.warp)
     except ValueError as error:
         raise UserError(f"{source}: head: {error}") from None
-    if recipe.init_from:
-        load_head(classifier, recipe.init_from, head=recipe.head, source=source)
+    if initial:
+        load_head(classifier, recipe.init_from, initial, head=recipe.head, source=source)
     return classifier
 
 
