@@ -5,12 +5,9 @@ Its folder format is `finetune.folder`; windowed inference over whole files is `
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor, nn
 
-from core.errors import UserError
 from finetune.adapters import scale_grad
 from finetune.heads import Head, HeadConfig
 from pretrain.backbone import Backbone
@@ -54,19 +51,3 @@ class Classifier(AudioEncoder):
         output = self.encode(audio)
         logits = self.head(output.tokens, output.embedding)
         return torch.sigmoid(logits.float()), output.embedding.float()
-
-
-def fit_backbone(backbone: Backbone, frames: int, *, source: str) -> Backbone:
-    """The backbone with its position grid cut to `frames`, so its Hub export has `max_length` = the training clip."""
-    config = backbone.config
-    if frames > config.max_frames:
-        raise UserError(f"{source}: the backbone takes at most {config.max_frames} frames but data.clip_seconds needs "
-                        f"{frames}; lower data.clip_seconds")
-    if frames == config.max_frames:
-        return backbone
-    fitted = Backbone(dataclasses.replace(config, max_frames=frames))
-    state = backbone.state_dict()
-    grid_t = fitted.grid_position.shape[1]
-    state["grid_position"] = state["grid_position"][:, :grid_t].clone()
-    fitted.load_state_dict(state)
-    return fitted

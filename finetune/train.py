@@ -8,7 +8,6 @@ With a `consistency` section, each step also learns from unlabeled clips seen as
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,11 +28,11 @@ from finetune.heads import HeadConfig
 from finetune.inference import AGGREGATES, Aggregate, infer
 from finetune.losses import LossConfig, MultiLabelLoss, label_counts, pos_weight_from_counts, view_agreement
 from finetune.metrics import HEADLINE, multilabel_metrics, positive_rates, tune_thresholds
-from finetune.model import Classifier, fit_backbone
+from finetune.model import Classifier
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import Backbone, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig, SpecAugment, check_warp
-from pretrain.hub import load_backbone
+from pretrain.hub import load_for_training
 from shards.loader import DataConfig, ViewSource, eval_samples, train_batches, validation_files, validation_mixtures
 from shards.vocab import INSTRUMENTS
 
@@ -144,24 +143,15 @@ def build_classifier(recipe: FinetuneRecipe, *, source: str = "recipe") -> Class
     initial = read_info(recipe.init_from) if recipe.init_from else None
     pretrained = str(Path(recipe.init_from) / "backbone") if recipe.init_from else recipe.backbone
     if pretrained:
-        shaped = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)  # model.size: scratch only
-                  if f.name != "size" and getattr(recipe.model, f.name) is not None]
-        if shaped:
-            nulls = " ".join(f"{key}=null" for key in shaped)
-            verb = "shapes" if len(shaped) == 1 else "shape"
-            given = f"init_from={recipe.init_from}" if recipe.init_from else f"backbone={recipe.backbone}"
-            raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but {given} "
-                            f"is given; drop one of the two (override {nulls})")
-        backbone = load_backbone(pretrained)
-        if backbone.config.frontend.sample_rate != data.sample_rate:
-            raise UserError(f"{source}: the backbone expects {backbone.config.frontend.sample_rate} Hz audio but "
-                            f"data.sample_rate is {data.sample_rate}; set data.sample_rate to match")
+        given = f"init_from={recipe.init_from}" if recipe.init_from else f"backbone={recipe.backbone}"
+        backbone = load_for_training(pretrained, model=recipe.model, sample_rate=data.sample_rate, frames=frames,
+                                     given=given, source=source)
     else:
         try:
             backbone = Backbone(recipe.model.backbone_config(max_frames=frames, frontend=frontend))
         except ValueError as error:
             raise UserError(f"{source}: model: {error}") from None
-    backbone = fit_backbone(backbone, frames, source=source).train()
+    backbone = backbone.train()
     try:
         adapters = prepare(backbone, recipe.adapt)
     except ValueError as error:

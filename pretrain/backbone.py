@@ -89,6 +89,10 @@ class ModelConfig:
     time_stride: int | None = None
     dropout: float | None = None
 
+    def shaping(self) -> list[str]:
+        """The overrides that are set (`model.NAME`): they shape a backbone trained from scratch, not a loaded one."""
+        return [f"model.{f.name}" for f in fields(self) if f.name != "size" and getattr(self, f.name) is not None]
+
     def backbone_config(self, *, max_frames: int, frontend: FrontendConfig) -> BackboneConfig:
         """The BackboneConfig it names; raises ValueError for an unknown size or impossible shapes."""
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "size"}

@@ -11,6 +11,7 @@ checkpoints (the classifier is dropped). Weights are read from safetensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from core.errors import UserError
-from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.backbone import Backbone, BackboneConfig, ModelConfig
 from pretrain.frontend import FrontendConfig
 
 MODEL_TYPE = "audio-spectrogram-transformer"
@@ -185,7 +186,8 @@ def model_card(config: BackboneConfig, card: dict) -> ModelCard:
         f"normalised with mean {frontend.mean} and std {frontend.std} (the included feature extractor)",
         "",
     ]
-    for title, key in (("Data", "data"), ("Objectives", "objectives"), ("Training", "steps"), ("Metrics", "metrics")):
+    for title, key in (("Initialised from", "initialised_from"), ("Data", "data"), ("Objectives", "objectives"),
+                       ("Training", "steps"), ("Metrics", "metrics")):
         value = card.get(key)
         if value is None:
             continue
@@ -291,6 +293,33 @@ def load_backbone(path_or_repo_id: str | os.PathLike, *, revision: str | None = 
         raise UserError(f"{weight_files[0]}: weights do not match {config_path.name} "
                         f"({str(error).splitlines()[0][:200]}); re-export the folder") from None
     return backbone.eval()
+
+
+def load_for_training(path_or_repo_id: str, *, model: ModelConfig, sample_rate: int, frames: int, given: str,
+                      source: str | os.PathLike) -> Backbone:
+    """A saved backbone to train on `sample_rate` Hz clips of `frames` frames, its position grid cut to them (so its
+    export has `max_length` = the training clip). `given` names the recipe key that brought it (`backbone=PATH`), for
+    the one-line errors: `model` overrides set beside it, another sample rate, clips longer than its grid."""
+    if shaped := model.shaping():
+        nulls = " ".join(f"{key}=null" for key in shaped)
+        verb = "shapes" if len(shaped) == 1 else "shape"
+        raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but {given} "
+                        f"is given; drop one of the two (override {nulls})")
+    backbone = load_backbone(path_or_repo_id)
+    config = backbone.config
+    if config.frontend.sample_rate != sample_rate:
+        raise UserError(f"{source}: the backbone expects {config.frontend.sample_rate} Hz audio but data.sample_rate "
+                        f"is {sample_rate}; set data.sample_rate to match")
+    if frames > config.max_frames:
+        raise UserError(f"{source}: the backbone takes at most {config.max_frames} frames but data.clip_seconds needs "
+                        f"{frames}; lower data.clip_seconds")
+    if frames == config.max_frames:
+        return backbone
+    fitted = Backbone(dataclasses.replace(config, max_frames=frames))
+    state = backbone.state_dict()
+    state["grid_position"] = state["grid_position"][:, :fitted.grid_position.shape[1]].clone()
+    fitted.load_state_dict(state)
+    return fitted
 
 
 def publish(directory: str | os.PathLike, repo_id: str, *, private: bool = False, dry_run: bool = False,

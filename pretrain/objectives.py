@@ -419,9 +419,12 @@ class MetricLosses(nn.Module):
 class Pretrainer(AudioEncoder):
     """Waveforms -> log-mel -> backbone -> the enabled objectives; `forward(batch)` returns (loss, logs)."""
 
-    def __init__(self, *, backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
+    def __init__(self, *, backbone: BackboneConfig | Backbone, objectives: ObjectivesConfig) -> None:
+        """`backbone`: the config of a new one, or a trained one to go on pretraining (its objective heads start new)."""
         if not objectives.enabled():
             raise ValueError(f"no objective enabled; give one of objectives.{{{', '.join(OBJECTIVES)}}} a weight > 0")
+        encoder = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
+        backbone = encoder.config
         patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
         overlapping = (backbone.frequency_stride, backbone.time_stride) != (backbone.patch_size, backbone.patch_size)
         if patchwise and overlapping:
@@ -429,7 +432,7 @@ class Pretrainer(AudioEncoder):
             raise ValueError(f"objectives.{' and '.join(patchwise)} {verb} non-overlapping patches (overlapping ones "
                              "show each masked patch through its neighbours): set model.frequency_stride and "
                              "model.time_stride to the patch size, or train objectives.metric alone")
-        super().__init__(backbone=Backbone(backbone))
+        super().__init__(backbone=encoder)
         self.objectives = objectives
         patch_values = backbone.patch_size**2
         if objectives.mae.weight > 0:

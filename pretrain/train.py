@@ -7,6 +7,9 @@ A recipe is plain YAML read into `PretrainRecipe`:
                  sample_rate, mix_max, mix_probability, same_genre_mix, views, view_source, shuffle_buffer, ...
     model:       pretrain.backbone.ModelConfig, shared with fine-tuning: size (cpu-2 | cpu-4 | tiny | small | base)
                  and optional overrides; max_frames is derived from data.clip_seconds
+    backbone:    optional: a saved backbone (folder or Hub id) to go on pretraining instead of a new one, e.g. one
+                 pretrained elsewhere or trained on labelled clips (<finetune output>/model/backbone), adapted to
+                 your audio; the objectives' heads start new, `model` overrides must stay unset
     objectives:  mae / teacher / electra / metric, each with a weight (0 = off) and its settings (pretrain.objectives)
     augment:     pretrain.augment.WaveAugmentConfig: gain_db, filters, noise, pitch, reverb, each view of a clip on its
                  own (all off unless the recipe sets them)
@@ -34,7 +37,7 @@ from core.trainer import TRACKERS, TrainConfig, train
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
-from pretrain.hub import save_pretrained
+from pretrain.hub import load_for_training, save_pretrained
 from pretrain.objectives import OBJECTIVES, ObjectivesConfig, Pretrainer
 from pretrain.pictures import pictures
 from pretrain.probe import Probe, ProbeConfig
@@ -45,6 +48,7 @@ from shards.loader import DataConfig, shard_urls
 class PretrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: str | None = None  # a saved backbone (folder or Hub id) to go on pretraining; None: a new one
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     augment: WaveAugmentConfig = field(default_factory=lambda: WaveAugmentConfig(gain_db=0.0))
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -83,6 +87,9 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     output_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)  # the same initial weights on every rank
     config = backbone_config(recipe, source=source)
+    if recipe.backbone:
+        config = load_for_training(recipe.backbone, model=recipe.model, sample_rate=data.sample_rate,
+                                   frames=config.max_frames, given=f"backbone={recipe.backbone}", source=source)
     try:
         model = Pretrainer(backbone=config, objectives=recipe.objectives)
     except ValueError as error:
@@ -103,8 +110,10 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
 
     def export(trained: Pretrainer, directory: Path, state: dict) -> dict[str, float] | None:
         save_pretrained(trained.backbone, directory / "backbone", card={
-            "name": recipe.run_name or f"Timbre {recipe.model.size} ({' + '.join(recipe.objectives.enabled())})",
+            "name": recipe.run_name or f"Timbre {recipe.backbone or recipe.model.size} "
+                                       f"({' + '.join(recipe.objectives.enabled())})",
             "data": urls,
+            "initialised_from": recipe.backbone,
             "objectives": {name: f"weight {getattr(recipe.objectives, name).weight}"
                            for name in recipe.objectives.enabled()},
             "steps": state["step"],

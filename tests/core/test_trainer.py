@@ -224,3 +224,41 @@ def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path, mo
     with pytest.raises(UserError, match=r"train.compile=true: torch.compile builds C\+\+ kernels on CPUs and no C\+\+ "
                                         r"compiler was found \(g\+\+, c\+\+, clang\+\+\); install one"):
         main([str(recipe), "train.compile=true"])
+
+
+def test_pretraining_goes_on_from_a_saved_backbone_with_new_objective_heads(shards, tmp_path):
+    from pretrain.hub import load_backbone
+    from pretrain.train import run
+
+    first = tiny_recipe(tmp_path / "first.yaml", shards, tmp_path / "first", steps=2, checkpoint_every=2)
+    run(load_recipe(first, [], PretrainRecipe), source=str(first))
+    saved = tmp_path / "first" / "backbone"
+    unshaped = ["model.hidden_size=null", "model.num_layers=null", "model.num_heads=null",
+                "model.intermediate_size=null"]
+    with pytest.raises(UserError, match=r"recipe.yaml: model.hidden_size, model.num_layers, model.num_heads, "
+                                        r"model.intermediate_size shape a backbone trained from scratch, but "
+                                        rf"backbone={saved} is given; drop one of the two \(override "
+                                        r"model.hidden_size=null model.num_layers=null"):
+        load_and_run = tiny_recipe(tmp_path / "recipe.yaml", shards, tmp_path / "on")
+        run(load_recipe(load_and_run, [f"backbone={saved}"], PretrainRecipe), source=str(load_and_run))
+    with pytest.raises(UserError, match=r"recipe.yaml: the backbone expects 16000 Hz audio but data.sample_rate is "
+                                        r"22050; set data.sample_rate to match"):
+        run(load_recipe(load_and_run, [f"backbone={saved}", "data.sample_rate=22050", *unshaped], PretrainRecipe),
+            source=str(load_and_run))
+
+    # lr 0: the two steps move nothing, so the export is the saved backbone, and the EMA teacher started from it too
+    still, _ = run(load_recipe(load_and_run, [f"backbone={saved}", "train.lr=0", "train.steps=2",
+                                              "train.checkpoint_every=2", *unshaped], PretrainRecipe),
+                   source=str(load_and_run))
+    before = load_backbone(saved).state_dict()
+    for module in (load_backbone(tmp_path / "on" / "backbone"), still.teacher):
+        after = module.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[name], before[name]) for name in before)
+    assert f"Initialised from\n\n{saved}" in (tmp_path / "on" / "backbone" / "README.md").read_text()
+
+    moved, state = run(load_recipe(load_and_run, [f"backbone={saved}", f"output_dir={tmp_path / 'moved'}",
+                                                  "train.steps=2", "train.checkpoint_every=2", *unshaped],
+                                   PretrainRecipe), source=str(load_and_run))
+    assert state["step"] == 2 and all(torch.isfinite(torch.tensor(value)) for value in state["logs"].values())
+    assert any(not torch.equal(tensor, before[name]) for name, tensor in moved.backbone.state_dict().items())
