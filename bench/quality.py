@@ -358,8 +358,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                         else (budget.probe_steps, budget.probe_batch))
         stage = f"{kind}-{name}-{n}-seed{run_seed}"
         run_dir = out / kind / stage.removeprefix(f"{kind}-")
-        command = python("-m", "finetune", recipe, *start,
-                         f"data.train={train}", f"data.val={val}", f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={run_seed}",
+        command = python("-m", "finetune", recipe, *start, f"data.train={train}", f"data.val={val}",
+                         f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={run_seed}",
                          f"train.checkpoint_every={max(1, steps // VALIDATIONS)}", f"train.log_every={max(1, steps // 4)}",
                          "tracking=none", "resume=auto", f"run_name=bench-{stage}", f"output_dir={run_dir}")
         runner.run(stage, command, output=run_dir, done=run_dir / "model" / "finetune.json",
@@ -446,8 +446,8 @@ def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], s
         output=run_dir, done=run_dir / "model" / "finetune.json", after=(f"pack-{SYNTH_LABELS}",), files=(recipe,))
     state = json.loads((run_dir / "trainer_state.json").read_text())
     return {"backbone": run_dir / "model" / "backbone", "model": run_dir / "model", "shards": packs,
-            "clips_per_s": state["clips_per_s"],
-            "steps": state["step"], "seconds": runner.seconds[f"pretrain-{SYNTH_LABELS}"],
+            "clips_per_s": state["clips_per_s"], "steps": state["step"],
+            "seconds": runner.seconds[f"pretrain-{SYNTH_LABELS}"],
             "loss_curve": curve_of(run_dir, "loss"), "probe_curve": curve_of(run_dir, "val/lrap"),
             "zero_shot": evaluate(runner, out, SYNTH_LABELS, run_dir / "model", tests, packed,
                                   after=f"pretrain-{SYNTH_LABELS}")}

@@ -87,11 +87,11 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     output_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)  # the same initial weights on every rank
     config = backbone_config(recipe, source=source)
-    if recipe.backbone:
-        config = load_for_training(recipe.backbone, model=recipe.model, sample_rate=data.sample_rate,
-                                   frames=config.max_frames, given=f"backbone={recipe.backbone}", source=source)
+    backbone = load_for_training(recipe.backbone, model=recipe.model, sample_rate=data.sample_rate,
+                                 frames=config.max_frames, given=f"backbone={recipe.backbone}",
+                                 source=source) if recipe.backbone else config
     try:
-        model = Pretrainer(backbone=config, objectives=recipe.objectives)
+        model = Pretrainer(backbone=backbone, objectives=recipe.objectives)
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
 
