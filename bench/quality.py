@@ -82,10 +82,11 @@ SF2 = Path("/usr/share/sounds/sf2")
 DEMO_TRAIN_FONTS = (SF2 / "FluidR3_GM.sf2", SF2 / "sf_GMbank.sf2", SF2 / "OPL-3_FM_128M.sf2")  # as `make demo`
 OBJECTIVES = ("mae", "teacher", "electra", "metric", "combined")  # self-supervised: what the issue asks about
 # Not unlabeled audio: a backbone trained with the shipped recipe on labelled clips that the synth renders in the
-# pool's fonts (labels from the renderer, the same steps x batch as each objective), then continued on the labelled
-# clips with its head (`init_from`) at a tenth of the recipe's learning rate, the rendered clips mixed in (rehearsal:
-# the labelled training split listed as often as makes it SYNTH_LABELS_REHEARSAL of the examples), so it keeps what
-# the fonts taught it; thresholds and the best checkpoint come from both validation splits, so they hold across fonts.
+# pool's fonts (labels from the renderer; the demo's 4000 steps, as its validation curve still climbs at the
+# objectives' 1500 and flattens by 4000), then continued on the labelled clips with its head (`init_from`) at a tenth
+# of the recipe's learning rate, the rendered clips mixed in (rehearsal: the labelled training split listed as often
+# as makes it SYNTH_LABELS_REHEARSAL of the examples), so it keeps what the fonts taught it; thresholds and the best
+# checkpoint come from both validation splits, so they hold across fonts.
 SYNTH_LABELS = "synth-labels"
 SYNTH_LABELS_FINETUNE = ("model.frequency_stride=null", "train.lr=1e-4")
 SYNTH_LABELS_REHEARSAL = 1 / 8
@@ -119,20 +120,24 @@ class Budget:
     probe_steps: int
     probe_batch: int
     synth_labels_per_class: int  # labelled clips per class the synth renders in the pool's fonts for synth-labels
+    synth_labels_steps: int  # its training steps (of pretrain_batch clips)
 
 
 BUDGETS = {
     # Checks the pipeline end to end in minutes; its numbers say nothing about quality.
     "tiny": Budget(unlabeled=24, labelled_per_class=(4, 6), main_per_class=6, test_files=8, size="cpu-2",
                    seeds=(0, 1), pretrain_steps=3, pretrain_batch=4, finetune_steps=4, finetune_batch=4,
-                   probe_steps=4, probe_batch=8, synth_labels_per_class=4),
+                   probe_steps=4, probe_batch=8, synth_labels_per_class=4,
+                   synth_labels_steps=3),
     # Measured on 2 cores (2026-12-05, AMD EPYC): rendering + packing 6000 pool clips 5 min; pretraining cpu-2 at
     # 62-137 clips/s, 1500 x 32 clips 6-13 min per objective; a 400-step fine-tune 80-110 s; an evaluation 20-35 s.
-    # The table with three objectives (mae, teacher, metric) took 89 min; with all five, ~2 h; synth-labels adds ~37
-    # min (rendering 5, training 4, its fine-tunes and label-efficiency points 28; 2026-12-05, Intel Xeon).
+    # The table with three objectives (mae, teacher, metric) took 89 min; with all five, ~2 h; synth-labels adds ~55
+    # min of stages (rendering and packing 6, its 4000 steps 10, its fine-tunes, evaluations, calibrations and
+    # label-efficiency points 39; 2026-12-06, Intel Xeon).
     "full": Budget(unlabeled=6000, labelled_per_class=(8, 16, 32), main_per_class=16, test_files=200, size="cpu-2",
                    seeds=(0, 1, 2), pretrain_steps=1500, pretrain_batch=32, finetune_steps=400, finetune_batch=32,
-                   probe_steps=300, probe_batch=32, synth_labels_per_class=1000),
+                   probe_steps=300, probe_batch=32, synth_labels_per_class=1000,
+                   synth_labels_steps=4000),
 }
 
 
@@ -426,8 +431,9 @@ def run_bench(args: argparse.Namespace) -> dict:
 def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], seed: int, tests: dict[str, Path],
                  packed: dict[str, str], recipe: Path) -> dict:
     """The synth-labels backbone: labelled clips rendered in the pool's `fonts` (another seed than every other set),
-    packed with a song-grouped validation split, and the fine-tuning `recipe` trained on them for the objectives'
-    steps x batch; its model is also evaluated as it is, before it sees a labelled clip of the user's (zero_shot)."""
+    packed with a song-grouped validation split, and the fine-tuning `recipe` trained on them for the budget's
+    synth_labels_steps x pretrain_batch, validated at every quarter; its model is also evaluated as it is, before it
+    sees a labelled clip of the user's (zero_shot)."""
     tree, packs, run_dir = out / "data" / SYNTH_LABELS, out / "shards" / SYNTH_LABELS, out / "pretrain" / SYNTH_LABELS
     runner.run(f"synth-{SYNTH_LABELS}", python(
         "-m", "shards", "synth", tree, "--train-per-class", budget.synth_labels_per_class, "--test-files", 0,
@@ -436,11 +442,11 @@ def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], s
     runner.run(f"pack-{SYNTH_LABELS}", python("-m", "shards", "pack", "irmas-train", tree / TRAIN_DIR, packs,
                                               "--val-fraction", SYNTH_LABELS_VAL_FRACTION, "--seed", seed, "--quiet"),
                output=packs, done=packs / MANIFEST, after=(f"synth-{SYNTH_LABELS}",))
-    steps = budget.pretrain_steps
+    steps = budget.synth_labels_steps
     runner.run(f"pretrain-{SYNTH_LABELS}", python(
         "-m", "finetune", recipe, f"model.size={budget.size}", f"data.train={packs / 'train'}",
         f"data.val={packs / 'val'}", f"train.steps={steps}", f"train.batch_size={budget.pretrain_batch}",
-        f"train.seed={seed}", f"train.checkpoint_every={max(1, steps // VALIDATIONS)}",
+        f"train.seed={seed}", f"train.checkpoint_every={max(1, steps // 4)}",
         f"train.log_every={max(1, steps // 20)}", "tracking=tensorboard", "resume=auto",
         f"run_name=bench-{SYNTH_LABELS}", f"output_dir={run_dir}"),
         output=run_dir, done=run_dir / "model" / "finetune.json", after=(f"pack-{SYNTH_LABELS}",), files=(recipe,))
@@ -659,6 +665,11 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
     def cell(value: dict | float | None) -> str:  # a number, or {"mean", "std"} over seeds
         return number(value) if not isinstance(value, dict) else f"{value['mean']:.3f} +- {value['std']:.3f}"
 
+    def against_regression(name: str) -> str:  # a backbone's probe next to the log-mel regression
+        probe, regression = result["rows"][name]["probe"], result["yardsticks"][REGRESSION]
+        return (f"(macro F1 {probe['macro_f1']:.3f} against {regression['macro_f1']:.3f}, LRAP {probe['lrap']:.3f} "
+                f"against {regression['lrap']:.3f})")
+
     lines = [
         "# Quality benchmark: does pretraining on unlabeled audio pay where labels are few?", "",
         f"Generated by `bench/quality.py --budget {result['budget']}` on {result['date']} "
@@ -707,7 +718,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
             f"- Best fine-tuned macro F1: {targets['best_macro_f1']:.3f} (target >= {TARGET_MACRO_F1:.2f}); with "
             f"thresholds calibrated on the unlabeled collection: {targets['best_calibrated_macro_f1']:.3f}.",
             f"- Probe of `{best}` above the log-mel regression on macro F1 and LRAP: "
-            f"**{'yes' if targets['probe_beats_regression'] else 'no'}**.",
+            f"**{'yes' if targets['probe_beats_regression'] else 'no'}** {against_regression(best)}.",
             f"- All targets: **{'met' if targets['met'] else 'not met'}**.",
         ]
     else:
@@ -718,14 +729,17 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         lines += [
             "", f"`{SYNTH_LABELS}` is not pretraining on unlabeled audio, so it is kept out of the targets above: "
             f"its backbone learnt from {sizes['synth_labels_per_class']} labelled clips per class that the synth "
-            "rendered in the pool's fonts (labels from the renderer), for the same steps x batch as each objective, "
+            f"rendered in the pool's fonts (labels from the renderer), for {sizes['synth_labels_steps']} steps x "
+            f"{sizes['pretrain_batch']} (the demo's; the objectives' {sizes['pretrain_steps']} would stop it while its "
+            "validation curve below still climbs), "
             "and its fine-tunes continue its model, head included (`init_from`, learning rate "
             f"{SYNTH_LABELS_FINETUNE[-1].split('=')[1]}), on the labelled clips with the rendered ones mixed in (the "
             f"labelled ~{SYNTH_LABELS_REHEARSAL:.0%} of the examples) and thresholds tuned on both validation splits.",
             f"- `{SYNTH_LABELS}` - scratch: {synthetic['gain']:+.3f} macro F1 (2 std {synthetic['two_std']:.3f}: "
             f"**{'counts' if synthetic['gain_counts'] else 'does not count'}**); its macro F1 "
             f"{row['macro_f1']['mean']:.3f}, calibrated {row['calibrated_macro_f1']['mean']:.3f}; probe above the "
-            f"regression: **{'yes' if synthetic['probe_beats_regression'] else 'no'}**; all targets: "
+            f"regression: **{'yes' if synthetic['probe_beats_regression'] else 'no'}** "
+            f"{against_regression(SYNTH_LABELS)}; all targets: "
             f"**{'met' if synthetic['met'] else 'not met'}**.",
             f"- Its model before any of the labelled clips (no fine-tuning): macro F1 / LRAP / mAP "
             f"{zero['macro_f1']:.3f} / {zero['lrap']:.3f} / {zero['map']:.3f} on the unseen font, "
@@ -755,6 +769,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"- Pretraining: {sizes['pretrain_steps']} steps x {sizes['pretrain_batch']} clips per objective "
         "(recipes/pretrain/<objective>-tiny-synth.yaml with the size above) on the pool"
         + (" plus the labelled training split" if result["pretrain_data"] == "both" else "")
+        + (f"; {SYNTH_LABELS}: {sizes['synth_labels_steps']} x {sizes['pretrain_batch']}" if synthetic else "")
         + f"; fine-tuning: {sizes['finetune_steps']} x {sizes['finetune_batch']}; probe: {sizes['probe_steps']} x "
         f"{sizes['probe_batch']}.",
         f"- Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']} "
