@@ -100,6 +100,8 @@ ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "map", "same_font_macro_f1", "same
               "calibrated_micro_f1")  # fine-tune columns
 # Validations per fine-tune (each scores the recipe's validation mixtures and files, ~25 s; the best one is kept).
 VALIDATIONS = 2
+# Checkpoints per pretraining run (the objectives' probe, synth-labels' validation: the curves in RESULTS.md).
+PRETRAIN_CHECKPOINTS = 4
 TARGET_MARGIN, TARGET_MACRO_F1 = 0.10, 0.60  # the issue's bar: pretrained - scratch, best fine-tuned macro F1
 
 
@@ -333,7 +335,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             "-m", "pretrain", recipe, f"model.size={budget.size}",
             f"data.train={json.dumps(pretrain_data)}", f"train.steps={budget.pretrain_steps}",
             f"train.batch_size={budget.pretrain_batch}", f"train.seed={seed}",
-            f"train.checkpoint_every={max(1, budget.pretrain_steps // 4)}", "train.image_every=0",
+            f"train.checkpoint_every={max(1, budget.pretrain_steps // PRETRAIN_CHECKPOINTS)}", "train.image_every=0",
             f"train.log_every={max(1, budget.pretrain_steps // 20)}", "tracking=tensorboard", "resume=auto",
             f"probe.train={labelled[main_n] / 'train'}", f"probe.val={labelled[main_n] / 'val'}",
             f"run_name=bench-{objective}", f"output_dir={run_dir}"),
@@ -432,8 +434,8 @@ def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], s
                  packed: dict[str, str], recipe: Path) -> dict:
     """The synth-labels backbone: labelled clips rendered in the pool's `fonts` (another seed than every other set),
     packed with a song-grouped validation split, and the fine-tuning `recipe` trained on them for the budget's
-    synth_labels_steps x pretrain_batch, validated at every quarter; its model is also evaluated as it is, before it
-    sees a labelled clip of the user's (zero_shot)."""
+    synth_labels_steps x pretrain_batch, validated PRETRAIN_CHECKPOINTS times; its model is also evaluated as it is,
+    before it sees a labelled clip of the user's (zero_shot)."""
     tree, packs, run_dir = out / "data" / SYNTH_LABELS, out / "shards" / SYNTH_LABELS, out / "pretrain" / SYNTH_LABELS
     runner.run(f"synth-{SYNTH_LABELS}", python(
         "-m", "shards", "synth", tree, "--train-per-class", budget.synth_labels_per_class, "--test-files", 0,
@@ -446,7 +448,7 @@ def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], s
     runner.run(f"pretrain-{SYNTH_LABELS}", python(
         "-m", "finetune", recipe, f"model.size={budget.size}", f"data.train={packs / 'train'}",
         f"data.val={packs / 'val'}", f"train.steps={steps}", f"train.batch_size={budget.pretrain_batch}",
-        f"train.seed={seed}", f"train.checkpoint_every={max(1, steps // 4)}",
+        f"train.seed={seed}", f"train.checkpoint_every={max(1, steps // PRETRAIN_CHECKPOINTS)}",
         f"train.log_every={max(1, steps // 20)}", "tracking=tensorboard", "resume=auto",
         f"run_name=bench-{SYNTH_LABELS}", f"output_dir={run_dir}"),
         output=run_dir, done=run_dir / "model" / "finetune.json", after=(f"pack-{SYNTH_LABELS}",), files=(recipe,))
