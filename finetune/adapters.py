@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 Mode = Literal["probe", "full", "adapter", "lora"]
@@ -79,6 +77,8 @@ def lora_targets(backbone: nn.Module) -> list[str]:
 
 def attach_lora(backbone: nn.Module, config: AdaptConfig) -> None:
     """Inject peft LoRA layers in place; peft freezes every non-LoRA backbone parameter."""
+    from peft import LoraConfig, inject_adapter_in_model  # here: importing peft takes seconds that other modes skip
+
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=lora_targets(backbone), bias="none")
     inject_adapter_in_model(lora, backbone)
@@ -87,11 +87,15 @@ def attach_lora(backbone: nn.Module, config: AdaptConfig) -> None:
 def merged_backbone(backbone: nn.Module) -> nn.Module:
     """A copy of `backbone` with any LoRA folded into plain Linear weights (the original keeps training)."""
     backbone = copy.deepcopy(backbone)
-    for name, module in list(backbone.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, module.get_base_layer())
+    if any(".lora_" in name for name, _ in backbone.named_parameters()):  # peft names its weights lora_A / lora_B
+        from peft.tuners.lora import LoraLayer  # here: importing peft takes seconds that the other modes skip
+
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child,
+                        module.get_base_layer())
     for parameter in backbone.parameters():
         parameter.requires_grad_(True)
     return backbone

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from pytorch_metric_learning import losses, reducers
 from torch import Tensor, nn
 
 from pretrain.backbone import Backbone, BackboneConfig, Block, patchify, sincos_grid, unpatchify
@@ -383,6 +382,8 @@ class MetricLosses(nn.Module):
     def __init__(self, *, config: MetricConfig) -> None:
         super().__init__()
         self.config = config
+        from pytorch_metric_learning import losses  # here: its scipy.stats import takes seconds that other runs skip
+
         self.ntxent = losses.NTXentLoss(temperature=config.temperature)
 
     def forward(self, views: Tensor, batch: dict) -> dict[str, Tensor]:
@@ -404,6 +405,8 @@ class MetricLosses(nn.Module):
         a, p, n, margins = hierarchical_triplets(hierarchy_levels(targets, families), genre, config=config)
         triplet = anchors.sum() * 0.0  # keeps the graph when there are no triplets this step
         if a.numel():
+            from pytorch_metric_learning import losses, reducers
+
             for margin in margins.unique():
                 chosen = margins == margin
                 loss = losses.TripletMarginLoss(margin=float(margin), reducer=reducers.MeanReducer())
