@@ -83,16 +83,17 @@ def yardsticks(train: str | Path, val: str | Path, test: str | Path, *, clip_sec
     def probabilities(features: list[np.ndarray]) -> np.ndarray:
         return np.stack([aggregate_windows(regression.predict_proba(x), aggregate) for x in features])
 
-    labels = list(INSTRUMENTS)
     # 2 x mels features: BLAS threads only spin against torch's OpenMP threads here (measured 10-20x slower, 2 cores)
     with threadpool_limits(limits=1, user_api="blas"):
         regression.fit(np.concatenate(train_x), per_window_y)
-        regressed = multilabel_metrics(probabilities(test_x), test_y, tune_thresholds(probabilities(val_x), val_y),
-                                       labels)
-        always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(labels)), labels)
-        draws = np.random.default_rng(seed).random((100, *test_y.shape))
-        chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
-        chance_map = multilabel_metrics(draws[0], test_y, np.zeros(len(labels)), labels)["map"]
+        test_p, val_p = probabilities(test_x), probabilities(val_x)
+
+    labels = list(INSTRUMENTS)
+    regressed = multilabel_metrics(test_p, test_y, tune_thresholds(val_p, val_y), labels)
+    always = multilabel_metrics(np.ones(test_y.shape), test_y, np.zeros(len(labels)), labels)
+    draws = np.random.default_rng(seed).random((100, *test_y.shape))
+    chance = float(np.mean([label_ranking_average_precision_score(test_y, draw) for draw in draws]))
+    chance_map = multilabel_metrics(draws[0], test_y, np.zeros(len(labels)), labels)["map"]
     return {NO_INFORMATION: {"macro_f1": always["macro_f1"], "micro_f1": always["micro_f1"], "lrap": chance,
                              "map": chance_map},
             REGRESSION: {key: regressed[key] for key in HEADLINE}}
