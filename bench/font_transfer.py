@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score
 
-from core.errors import UserError, run_cli
+from core.errors import UserError, positive_int, run_cli
 from finetune.folder import load_model
 from finetune.inference import infer
 from shards.audio import decode_flac
@@ -51,8 +51,8 @@ def read_pool(pool: Path, shards: Path, every: int) -> tuple[list[torch.Tensor],
         meta = json.loads(sample["json"])
         name = Path(meta["path"]).name
         if name not in plans or not isinstance(fonts.get(name), str):
-            raise UserError(f"{shards}: segment of {name} is not one of {pool}/synth.json's single-font unlabeled clips; "
-                     "pass the shards packed from that tree's unlabeled/ folder")
+            raise UserError(f"{shards}: segment of {name} is not one of {pool}/synth.json's single-font unlabeled "
+                            "clips; pass the shards packed from that tree's unlabeled/ folder")
         start, end = meta["start"], meta["start"] + meta["duration"]
         sounding = {program_code[part.program] for part in plans[name].stems[0]
                     if not part.drums and part.program in program_code
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("pool", type=Path)
     parser.add_argument("shards", type=Path)
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--every", type=int, default=1, help="score every n-th segment (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--every", type=positive_int, default=1, help="score every n-th segment (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     args = parser.parse_args()
     audio, truth, font, rate = read_pool(args.pool, args.shards, args.every)
     names = sorted(set(font))
@@ -93,8 +93,8 @@ def main() -> None:
         if model.info.sample_rate != rate:
             raise UserError(f"{path}: reads {model.info.sample_rate} Hz audio, the pool's shards hold {rate} Hz; "
                             "pack the pool at the model's rate")
-        thresholds = dict(zip(model.info.labels, model.info.thresholds))
-        thresholds = np.array([thresholds[code] for code in INSTRUMENTS])
+        by_label = dict(zip(model.info.labels, model.info.thresholds))
+        thresholds = np.array([by_label[code] for code in INSTRUMENTS])
         probabilities = np.stack([windows.aggregate("max") for _, windows in
                                   infer(model, enumerate(audio), batch_size=args.batch_size)])
         result["models"][path] = {name: scores(truth[font == name], probabilities[font == name],
