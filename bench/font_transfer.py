@@ -22,16 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from sklearn.metrics import average_precision_score, label_ranking_average_precision_score
+from sklearn.metrics import label_ranking_average_precision_score
 
 from core.errors import UserError, positive_int, run_cli
 from finetune.folder import load_model
 from finetune.inference import infer
+from finetune.metrics import multilabel_metrics
 from shards.audio import decode_flac
 from shards.loader import shard_urls
 from shards.synth.music import TIMBRES
 from shards.synth.plans import unlabeled_clips
-from shards.vocab import INSTRUMENTS
+from shards.vocab import INSTRUMENTS, multi_hot
 
 
 def read_pool(pool: Path, shards: Path, every: int) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, int]:
@@ -59,16 +60,9 @@ def read_pool(pool: Path, shards: Path, every: int) -> tuple[list[torch.Tensor],
                     and any(note.start < end and note.end > start for note in part.notes)}
         block, rate = decode_flac(sample["flac"])
         audio.append(torch.from_numpy(block.mean(axis=1)))
-        truth.append([code in sounding for code in INSTRUMENTS])
+        truth.append(multi_hot(sounding))
         font.append(fonts[name])
     return audio, np.array(truth), np.array(font), rate
-
-
-def scores(truth: np.ndarray, probabilities: np.ndarray, decisions: np.ndarray) -> dict[str, float]:
-    hits = (decisions & truth).sum()
-    return {"lrap": float(label_ranking_average_precision_score(truth, probabilities)),
-            "map": float(average_precision_score(truth, probabilities, average="macro")),
-            "precision": float(hits / max(decisions.sum(), 1)), "recall": float(hits / max(truth.sum(), 1))}
 
 
 def main() -> None:
@@ -80,13 +74,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     args = parser.parse_args()
     audio, truth, font, rate = read_pool(args.pool, args.shards, args.every)
-    names = sorted(set(font))
+    rows = {name: font == name for name in sorted(set(font))}
     rng = np.random.default_rng(0)
     result: dict = {"segments": len(truth), "instruments_per_segment": float(truth.sum(1).mean()), "fonts": {}}
-    for name in names:
-        rows = font == name
-        result["fonts"][name] = {"segments": int(rows.sum()), "random_lrap": float(np.mean(
-            [label_ranking_average_precision_score(truth[rows], rng.random(truth[rows].shape)) for _ in range(5)]))}
+    for name, chosen in rows.items():
+        result["fonts"][name] = {"segments": int(chosen.sum()), "random_lrap": float(np.mean(
+            [label_ranking_average_precision_score(truth[chosen], rng.random(truth[chosen].shape)) for _ in range(5)]))}
     result["models"] = {}
     for path in args.models:
         model = load_model(path, precision="auto")
@@ -97,8 +90,11 @@ def main() -> None:
         thresholds = np.array([by_label[code] for code in INSTRUMENTS])
         probabilities = np.stack([windows.aggregate("max") for _, windows in
                                   infer(model, enumerate(audio), batch_size=args.batch_size)])
-        result["models"][path] = {name: scores(truth[font == name], probabilities[font == name],
-                                               probabilities[font == name] >= thresholds) for name in names}
+        result["models"][path] = {}
+        for name, chosen in rows.items():
+            metrics = multilabel_metrics(probabilities[chosen], truth[chosen], thresholds, list(INSTRUMENTS))
+            result["models"][path][name] = {"lrap": metrics["lrap"], "map": metrics["map"],
+                                            "precision": metrics["micro_precision"], "recall": metrics["micro_recall"]}
     print(json.dumps(result, indent=1))
 
 
