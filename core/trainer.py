@@ -19,6 +19,8 @@ API
         param_groups=None,                # AdamW groups, e.g. [{"params": [...], "lr": 1e-4}]; default: trainable params
         export=None,                      # (unwrapped model, output_dir, state) -> None or {name: float}; main process;
                                           # each checkpoint + end; returned values are logged as "val/<name>"
+        start=None,                       # (unwrapped model) -> None or {name: float}; main process; a fresh run's
+                                          # starting weights, logged as "val/<name>" at step 0
         images=None,                      # (unwrapped model, batch) -> {name: HxWx3 uint8}; main process; every image_every
     )                                     # returns the unwrapped, trained model
 
@@ -39,7 +41,9 @@ Conventions the callers rely on:
 - `export` and `images` run on the main process only and must not use collectives. What `export` returns (validation
   metrics, say) is logged to the tracker under `val/` at that step and printed as one line. Each `export` call gets
   `state` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s", "finished"}, which an export can put in
-  a model card; the loop also writes it to `<output_dir>/trainer_state.json`.
+  a model card; the loop also writes it to `<output_dir>/trainer_state.json`. `start` scores the weights a fresh run
+  starts from (a random initialisation or a loaded backbone) the same way, logged and printed at step 0: the point a
+  curve of `export`'s metrics should be read against. A resumed run does not call it.
 - Checkpoints: `<output_dir>/checkpoints/step-000100/` (Accelerate `save_state` + `trainer_state.json` with the
   schedule and data-stream position), written under a temporary name and renamed, so a kill during a save leaves
   the previous checkpoint intact; the last `keep_checkpoints` are kept; a final one is written at the end.
@@ -216,6 +220,7 @@ def train(
     resume: str | None = None,
     param_groups: list[dict] | None = None,
     export: Callable[[nn.Module, Path, dict], dict[str, float] | None] | None = None,
+    start: Callable[[nn.Module], dict[str, float] | None] | None = None,
     images: Callable[[nn.Module, dict], dict[str, np.ndarray]] | None = None,
 ) -> nn.Module:
     """Train `model` for `config.steps` optimiser steps; see the module docstring for the contract."""
@@ -232,6 +237,8 @@ def train(
         )
     run.progress = progress_bar(total=config.steps, initial=run.step, enabled=accelerator.is_main_process,
                                 desc="train")
+    if start is not None and not resumed:
+        run.log_start(start)
     exported = False
     run.model.train()
     while run.step < config.steps:
@@ -381,6 +388,19 @@ class _Run:
         _checkpoint(self.accelerator, self.schedule, self.stream, self.step, self.output_dir / "checkpoints",
                     self.config.keep_checkpoints)
 
+    def log_start(self, start: Callable[[nn.Module], dict[str, float] | None]) -> None:
+        """Score the starting weights with `start` (main process) and log what it returns at step 0."""
+        if self.accelerator.is_main_process:
+            self.log_validation(start(self.accelerator.unwrap_model(self.model)))
+        self.accelerator.wait_for_everyone()
+
+    def log_validation(self, metrics: dict[str, float] | None) -> None:
+        """Metrics under `val/` at the current step, and one printed line (main process)."""
+        if metrics:
+            self.accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=self.step)
+            self.progress.write(f"step {self.step} validation: " + "  ".join(f"{name} {value:.3f}"
+                                                                          for name, value in metrics.items()))
+
     def export_model(self, *, finished: bool) -> None:
         """Write trainer_state.json and call the export hook with that state (main process); log what it returns."""
         accelerator = self.accelerator
@@ -388,11 +408,8 @@ class _Run:
             state = {"step": self.step, "steps": self.config.steps, "epoch": self.stream.epoch, "finished": finished,
                      **self.summary}
             write_json(self.output_dir / "trainer_state.json", state)
-            metrics = self.export(accelerator.unwrap_model(self.model), self.output_dir, state) if self.export else None
-            if metrics:
-                accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=self.step)
-                self.progress.write(f"step {self.step} validation: " + "  ".join(f"{name} {value:.3f}"
-                                                                              for name, value in metrics.items()))
+            self.log_validation(self.export(accelerator.unwrap_model(self.model), self.output_dir, state)
+                                if self.export else None)
         accelerator.wait_for_everyone()
 
 

@@ -14,7 +14,8 @@ A recipe is plain YAML read into `PretrainRecipe`:
     augment:     pretrain.augment.WaveAugmentConfig: gain_db, filters, noise, pitch, reverb, each view of a clip on its
                  own (all off unless the recipe sets them)
     train:       core.trainer.TrainConfig (steps, batch_size per process, lr, precision, checkpoint_every, ...)
-    probe:       optional labelled shards (train, val): a frozen-feature probe at every checkpoint (pretrain.probe)
+    probe:       optional labelled shards (train, val): a frozen-feature probe of the starting weights (step 0) and
+                 at every checkpoint (pretrain.probe)
     tracking:    none | wandb | tensorboard        run_name, output_dir, resume (null | auto | checkpoint dir)
 
 The backbone is written in the Hub format (`pretrain.hub.save_pretrained`) to `<output_dir>/backbone/` at every
@@ -132,7 +133,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
         model=model, loss_fn=loss_fn,
         batches=batches, config=recipe.train,
         output_dir=output_dir, tracking=recipe.tracking, run_name=recipe.run_name, recipe=to_dict(recipe),
-        resume=recipe.resume, param_groups=groups, export=export, images=pictures,
+        resume=recipe.resume, param_groups=groups, export=export, start=probe, images=pictures,
     )
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return trained, state

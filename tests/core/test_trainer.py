@@ -115,6 +115,7 @@ def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrained 16 steps" in result.stdout and str(tmp_path / "whole" / "backbone") in result.stdout
     assert json.loads((tmp_path / "whole" / "trainer_state.json").read_text())["epoch"] >= 1  # epochs from the cache
+    assert "step 0 validation: probe_lrap" in result.stdout + result.stderr  # the starting weights' probe
     assert "step 16 validation: probe_lrap" in result.stdout + result.stderr  # the frozen-feature probe ran
 
     killed = tiny_recipe(tmp_path / "killed.yaml", shards, tmp_path / "killed", **settings)
@@ -129,9 +130,12 @@ def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards
     assert process.returncode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name in ("step-000004", "step-000008", "step-000012")
 
-    result = run_module("pretrain", str(killed), "resume=auto", env={"OMP_NUM_THREADS": "1"})
+    result = run_module("pretrain", str(killed), "resume=auto", f"probe.train={shards[0]}", f"probe.val={shards[0]}",
+                        env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
+    output = result.stdout + result.stderr
+    assert "step 16 validation: probe_lrap" in output and "step 0 validation" not in output  # no start probe on resume
     final_whole = load_file(tmp_path / "whole" / "checkpoints" / "step-000016" / "model.safetensors")
     final_resumed = load_file(tmp_path / "killed" / "checkpoints" / "step-000016" / "model.safetensors")
     assert final_whole.keys() == final_resumed.keys()
