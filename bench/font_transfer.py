@@ -28,7 +28,7 @@ from core.errors import UserError, positive_int, run_cli
 from finetune.folder import load_model
 from finetune.inference import infer
 from finetune.metrics import multilabel_metrics
-from shards.audio import decode_flac
+from shards.audio import decode_flac, to_mono
 from shards.loader import shard_urls
 from shards.synth.music import TIMBRES
 from shards.synth.plans import unlabeled_clips
@@ -59,7 +59,7 @@ def read_pool(pool: Path, shards: Path, every: int) -> tuple[list[torch.Tensor],
                     if not part.drums and part.program in program_code
                     and any(note.start < end and note.end > start for note in part.notes)}
         block, rate = decode_flac(sample["flac"])
-        audio.append(torch.from_numpy(block.mean(axis=1)))
+        audio.append(to_mono(block, rate, rate))
         truth.append(multi_hot(sounding))
         font.append(fonts[name])
     return audio, np.array(truth), np.array(font), rate

@@ -756,7 +756,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
               "## Pretraining", "",
               "How each objective's run went: its loss at a quarter, half, three quarters and the end of the run, and the "
               "frozen-feature probe (`pretrain.probe`: a logistic regression on mean patch tokens, fit on the labelled "
-              f"training split, LRAP on its validation clips) at every checkpoint, from step 0 (the random initialisation "
+              "training split, LRAP on its validation clips) at every checkpoint, from step 0 (the random initialisation "
               f"every objective starts from) on; for `{SYNTH_LABELS}`, the "
               "validation LRAP of its own held-out rendered clips instead.", "",
               "| objective | steps | minutes | loss at 1/4, 1/2, 3/4, end | probe LRAP (step: value) |",
