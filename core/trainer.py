@@ -43,7 +43,8 @@ Conventions the callers rely on:
   `state` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s", "finished"}, which an export can put in
   a model card; the loop also writes it to `<output_dir>/trainer_state.json`. `start` scores the weights a fresh run
   starts from (a random initialisation or a loaded backbone) the same way, logged and printed at step 0: the point a
-  curve of `export`'s metrics should be read against. A resumed run does not call it.
+  curve of `export`'s metrics should be read against. A resumed run does not call it. The hooks may be None on the
+  other ranks; code that picks the main process before `train` starts asks `launch_state()`.
 - Checkpoints: `<output_dir>/checkpoints/step-000100/` (Accelerate `save_state` + `trainer_state.json` with the
   schedule and data-stream position), written under a temporary name and renamed, so a kill during a save leaves
   the previous checkpoint intact; the last `keep_checkpoints` are kept; a final one is written at the end.
@@ -181,6 +182,13 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def launch_state() -> PartialState:
+    """This launch's process state (rank, device), on the CPU where ACCELERATE_USE_CPU says so. Accelerate keeps one
+    per process and the first call fixes it: code that asks which process it is before `train` starts must ask here,
+    or a CPU launch of several processes never joins one process group."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 where `device` multiplies bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX), else
     fp32; any other name as it is. Emulated bf16 is ~20x slower than fp32 on other CPUs, so auto never picks it there."""
@@ -237,7 +245,7 @@ def train(
         )
     run.progress = progress_bar(total=config.steps, initial=run.step, enabled=accelerator.is_main_process,
                                 desc="train")
-    if start is not None and not resumed:
+    if not resumed:
         run.log_start(start)
     exported = False
     run.model.train()
@@ -269,7 +277,7 @@ def _accelerator(config: TrainConfig, output_dir: Path, tracking: str, resume: s
     check_output_dir(output_dir, resume)
     if tracking == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
-    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    device = launch_state().device
     precision = resolve_precision(config.precision, device)
     if config.compile and device.type == "cpu":
         if not any(map(shutil.which, CPU_COMPILERS)):
@@ -388,9 +396,10 @@ class _Run:
         _checkpoint(self.accelerator, self.schedule, self.stream, self.step, self.output_dir / "checkpoints",
                     self.config.keep_checkpoints)
 
-    def log_start(self, start: Callable[[nn.Module], dict[str, float] | None]) -> None:
-        """Score the starting weights with `start` (main process) and log what it returns at step 0."""
-        if self.accelerator.is_main_process:
+    def log_start(self, start: Callable[[nn.Module], dict[str, float] | None] | None) -> None:
+        """Score the starting weights with `start` (main process) and log what it returns at step 0. Every rank
+        calls this, so that all meet at the barrier whether or not their `start` is None."""
+        if start is not None and self.accelerator.is_main_process:
             self.log_validation(start(self.accelerator.unwrap_model(self.model)))
         self.accelerator.wait_for_everyone()
 

@@ -29,12 +29,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from core.errors import UserError
 from core.recipe import recipe_from_argv, to_dict
-from core.trainer import TRACKERS, TrainConfig, train
+from core.trainer import TRACKERS, TrainConfig, launch_state, train
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
@@ -101,7 +100,7 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
     if bool(recipe.probe.train) != bool(recipe.probe.val):
         raise UserError(f"{source}: probe needs both train and val labelled shards (or neither); e.g. probe.train="
                         "demo/shards/irmas-train/train probe.val=demo/shards/irmas-train/val")
-    if recipe.probe.train and PartialState().is_main_process:  # the export hook, which runs it, is the main process's
+    if recipe.probe.train and launch_state().is_main_process:  # the export and start hooks run on the main process
         probe = Probe(recipe.probe, sample_rate=data.sample_rate)
 
     cache = stream.sample_cache()
@@ -147,7 +146,7 @@ def main(argv: list[str]) -> int:
         return 0
     path, recipe = given
     _, state = run(recipe, source=path)
-    if PartialState().is_main_process:
+    if launch_state().is_main_process:
         logs = state["logs"]
         losses = ", ".join(f"{name} {logs[name]:.4f}" for name in OBJECTIVES if name in logs)
         print(f"pretrained {state['step']} steps: loss {logs.get('loss', float('nan')):.4f} ({losses}), "

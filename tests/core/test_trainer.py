@@ -93,9 +93,12 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
     script = tmp_path / "checksum.py"
     script.write_text(CHECKSUM_SCRIPT)
     env = {**environment(), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run([ACCELERATE, "launch", *DDP_CPU, str(script), str(recipe), str(tmp_path)],
+    probe = [f"probe.train={shards[0]}", f"probe.val={shards[0]}"]  # runs on the main process only
+    result = subprocess.run([ACCELERATE, "launch", *DDP_CPU, str(script), str(recipe), str(tmp_path), *probe],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("step 0 validation: probe_lrap") == output.count("step 6 validation: probe_lrap") == 1
     ranks = [(tmp_path / f"rank-{rank}.txt").read_text().split() for rank in (0, 1)]
     assert ranks[0][2] == ranks[1][2] == "2"  # one process group of two ranks, not two lone processes
     assert ranks[0][0] == ranks[1][0] == "6"  # both ranks finished every step
