@@ -92,9 +92,10 @@ SYNTH_LABELS_FINETUNE = ("model.frequency_stride=null", "train.lr=1e-4")
 SYNTH_LABELS_REHEARSAL = 1 / 8
 SYNTH_LABELS_VAL_FRACTION = 0.1
 VAL_FRACTION = 0.2
-# MAE, teacher and ELECTRA need non-overlapping patches, so a pretrained backbone fine-tunes with the recipe's patch
-# geometry dropped (its own, stride 16) and without the patchout that the overlapping scratch geometry is measured with.
-# (The metric objective alone can pretrain the overlapping geometry; measured by hand, bench/quality_notes.md.)
+# The table's objectives pretrain non-overlapping patches (the teacher and ELECTRA need them), so a pretrained backbone
+# fine-tunes with the recipe's patch geometry dropped (its own, stride 16) and without the patchout that the overlapping
+# scratch geometry is measured with. (The metric objective, and MAE with whole time columns masked, can pretrain the
+# overlapping geometry; measured by hand, bench/quality_notes.md.)
 PRETRAINED_FINETUNE = ("model.frequency_stride=null", "augment.patchout=0.0")
 ROW_SCORES = ("macro_f1", "micro_f1", "lrap", "map", "same_font_macro_f1", "same_font_lrap", "calibrated_macro_f1",
               "calibrated_micro_f1")  # fine-tune columns

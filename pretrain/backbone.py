@@ -156,10 +156,26 @@ class PatchEmbedding(nn.Module):
         image = rearrange(features, "b t f -> b 1 f t")
         return rearrange(self.projection(image), "b d f t -> b f t d")
 
+    def patches(self, features: Tensor) -> Tensor:
+        """(B, frames, mels) -> (B, N, pf*pt): the patch each token projects, overlapping or not, in token order
+        (`patchify` for non-overlapping ones)."""
+        patches = F.unfold(rearrange(features, "b t f -> b 1 f t"), self.patch_size, stride=self.projection.stride)
+        return rearrange(patches, "b c n -> b n c")
+
+    def image(self, patches: Tensor, mels: int) -> Tensor:
+        """(B, N, pf*pt) patches in token order -> (B, grid_t*pt, mels) features, overlaps averaged: the inverse of
+        `patches` on the frames they cover (`unpatchify` for non-overlapping ones)."""
+        stride = self.projection.stride
+        frames = (patches.shape[1] // ((mels - self.patch_size) // stride[0] + 1) - 1) * stride[1] + self.patch_size
+        fold = dict(output_size=(mels, frames), kernel_size=self.patch_size, stride=stride)
+        summed = F.fold(rearrange(patches, "b n c -> b c n"), **fold)
+        counts = F.fold(torch.ones_like(patches[:1]).transpose(1, 2), **fold)
+        return rearrange(summed / counts, "b 1 f t -> b t f")
+
     def kept(self, features: Tensor, keep: Tensor) -> Tensor:
         """(B, frames, mels), keep (B, K) frequency-major token indices -> (B, K, D), the same tokens as `forward`
         gives at those indices, projecting only the kept patches (patchout and masking then skip the others' cost)."""
-        patches = F.unfold(rearrange(features, "b t f -> b 1 f t"), self.patch_size, stride=self.projection.stride)
+        patches = self.patches(features).transpose(1, 2)  # (B, pf*pt, N), as unfold lays it out
         patches = torch.gather(patches, 2, repeat(keep, "b k -> b c k", c=patches.shape[1]))  # (B, pf*pt, K)
         weight = rearrange(self.projection.weight, "d 1 pf pt -> d (pf pt)")
         return F.linear(rearrange(patches, "b c k -> b k c"), weight, self.projection.bias)

@@ -5,8 +5,10 @@ and targets; patch corruption and the detection loss; clip-level metric losses (
 hierarchical-margin triplets for labelled clips) with negatives from every rank; then `Pretrainer`, the module the
 trainer runs, which combines the enabled objectives with their weights. An objective with weight 0 is not built.
 
-Patches are the backbone's non-overlapping 16x16 patches of the normalised log-mel image, in its token
-order (frequency-major); `patchify`/`unpatchify` move between the image and the patch sequence.
+Patches are the backbone's 16x16 patches of the normalised log-mel image, in its token order (frequency-major);
+`patchify`/`unpatchify` move between the image and the sequence of non-overlapping ones. The teacher and ELECTRA need
+non-overlapping patches; MAE also trains patches that overlap in frequency (the fine-tuning recipe's geometry) by
+hiding whole time columns, and reconstructs each token's own patch.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class MAEConfig:
 
     weight: float = 1.0
     mask_ratio: float = 0.8
-    masking: str = "random"  # random | time | frequency | block | mixed (one of the four per batch)
+    masking: str = "random"  # random | time | frequency | block | mixed (one of the four per batch); time alone
+    # for patches overlapping in frequency, where it hides round(mask_ratio * time columns) whole columns
     block_size: int = 2  # patches per side of a block for block masking
     decoder_hidden_size: int = 256
     decoder_layers: int = 4
@@ -183,9 +186,12 @@ def mask_from_scores(scores: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
     return keep, masked
 
 
-def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, config: MAEConfig | TeacherConfig
-                 ) -> tuple[Tensor, Tensor]:
-    """keep (B, K), masked (B, N) for the configured strategy ("mixed" draws one strategy per batch)."""
+def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, config: MAEConfig | TeacherConfig,
+                 whole_columns: bool = False) -> tuple[Tensor, Tensor]:
+    """keep (B, K), masked (B, N) for the configured strategy ("mixed" draws one strategy per batch).
+
+    `whole_columns` rounds time masking to whole time columns (patches overlapping in frequency need it: a partly
+    hidden column shows its hidden patches through the rest)."""
     strategy = config.masking
     if strategy == "mixed":
         strategy = MASKINGS[int(torch.randint(len(MASKINGS), ()))]
@@ -193,6 +199,8 @@ def mask_patches(batch: int, grid: tuple[int, int], device: torch.device, *, con
         scores = random_scores(batch, grid, device)
     elif strategy == "time":
         scores = time_band_scores(batch, grid, device)
+        if whole_columns:
+            return mask_from_scores(scores, min(grid[1] - 1, max(1, round(config.mask_ratio * grid[1]))) / grid[1])
     elif strategy == "frequency":
         scores = frequency_band_scores(batch, grid, device)
     elif strategy == "block":
@@ -419,6 +427,27 @@ class MetricLosses(nn.Module):
 # The pretraining module
 
 
+def check_patches(backbone: BackboneConfig, objectives: ObjectivesConfig) -> None:
+    """ValueError unless every enabled patch-level objective hides whole patches: non-overlapping ones, or, for MAE,
+    patches overlapping only in frequency with whole time columns masked (a column's patches are hidden together)."""
+    patch = backbone.patch_size
+    if (backbone.frequency_stride, backbone.time_stride) == (patch, patch):
+        return
+    patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
+    columns = objectives.mae.masking == "time" and backbone.time_stride == patch
+    if patchwise == ["mae"] and not columns:
+        raise ValueError("objectives.mae on patches overlapping in frequency needs whole time columns masked "
+                         "(overlapping patches show each masked one through its neighbours): set "
+                         "objectives.mae.masking=time and model.time_stride to the patch size, or "
+                         "model.frequency_stride to the patch size")
+    if patchwise and patchwise != ["mae"]:
+        verb = "needs" if len(patchwise) == 1 else "need"
+        raise ValueError(f"objectives.{' and '.join(patchwise)} {verb} non-overlapping patches (overlapping ones "
+                         "show each masked patch through its neighbours): set model.frequency_stride and "
+                         "model.time_stride to the patch size, or train objectives.metric (or objectives.mae with "
+                         "masking=time) alone")
+
+
 class Pretrainer(AudioEncoder):
     """Waveforms -> log-mel -> backbone -> the enabled objectives; `forward(batch)` returns (loss, logs)."""
 
@@ -428,13 +457,7 @@ class Pretrainer(AudioEncoder):
             raise ValueError(f"no objective enabled; give one of objectives.{{{', '.join(OBJECTIVES)}}} a weight > 0")
         encoder = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         backbone = encoder.config
-        patchwise = [name for name in ("mae", "teacher", "electra") if getattr(objectives, name).weight > 0]
-        overlapping = (backbone.frequency_stride, backbone.time_stride) != (backbone.patch_size, backbone.patch_size)
-        if patchwise and overlapping:
-            verb = "needs" if len(patchwise) == 1 else "need"
-            raise ValueError(f"objectives.{' and '.join(patchwise)} {verb} non-overlapping patches (overlapping ones "
-                             "show each masked patch through its neighbours): set model.frequency_stride and "
-                             "model.time_stride to the patch size, or train objectives.metric alone")
+        check_patches(backbone, objectives)
         super().__init__(backbone=encoder)
         self.objectives = objectives
         patch_values = backbone.patch_size**2
@@ -509,11 +532,12 @@ class Pretrainer(AudioEncoder):
     def mae(self, features: Tensor, *, every_patch: bool = False) -> dict[str, Tensor]:
         """features (B, T, F) -> loss, masked (B, N) and target (B, N, P); prediction (B, M, P) of the masked
         patches in token order, or (B, N, P) of every patch with `every_patch` (for pictures)."""
-        patch = self.backbone.config.patch_size
         grid = self.backbone.grid(features.shape[1])
-        keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.mae)
+        overlapping = self.backbone.config.frequency_stride < self.backbone.config.patch_size
+        keep, masked = mask_patches(features.shape[0], grid, features.device, config=self.objectives.mae,
+                                    whole_columns=overlapping)
         encoded = self.backbone(features, keep=keep)
-        target = patchify(features, patch)
+        target = self.backbone.patch_embed.patches(features)  # (B, N, P), overlapping or not
         if self.objectives.mae.norm_pix_loss:
             target = normalise_patches(target)
         if every_patch:

@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.backbone import patchify, unpatchify
 from pretrain.objectives import Pretrainer
 
 
@@ -20,14 +19,16 @@ def pictures(model: Pretrainer, batch: dict) -> dict[str, np.ndarray]:
     drawn, low, high = {}, float(features[0].min()), float(features[0].max())
     if model.objectives.mae.weight > 0:
         mae = model.mae(features, every_patch=True)
-        patches = patchify(features, patch)
+        patches = model.backbone.patch_embed.patches(features)
         prediction = mae["prediction"].float()
         if model.objectives.mae.norm_pix_loss:  # back to the input scale with each patch's own mean and std
             prediction = prediction * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
         masked = mae["masked"][..., None]
         shown = patches.masked_fill(masked, low)
         rebuilt = torch.where(masked, prediction, patches)
-        panels = [features[0, : grid[1] * patch], unpatchify(shown, grid, patch)[0], unpatchify(rebuilt, grid, patch)[0]]
+        image = model.backbone.patch_embed.image
+        mels = features.shape[2]
+        panels = [features[0, : grid[1] * patch], image(shown, mels)[0], image(rebuilt, mels)[0]]
         drawn["mae/input-masked-reconstruction"] = _stack([_colour(p, low, high) for p in panels])
     if model.objectives.electra.weight > 0:
         electra = model.electra(features)

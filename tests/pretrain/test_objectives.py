@@ -29,6 +29,7 @@ from pretrain.objectives import (
     hierarchy_levels,
     mask_from_scores,
     masked_patch_loss,
+    normalise_patches,
     random_scores,
     time_band_scores,
 )
@@ -204,12 +205,42 @@ def test_metric_alone_trains_overlapping_patches_with_patchout_and_the_patchwise
         optimizer.zero_grad()
     assert evaluated() < 0.9 * before
     assert tokens[1] == 29 * 6 - round(0.75 * 29 * 6) and tokens[0] == tokens[-1] == 29 * 6  # patchout in training only
-    for name in ("mae", "teacher", "electra"):
+    for name in ("teacher", "electra"):
         with pytest.raises(ValueError, match=f"objectives.{name} needs non-overlapping patches"):
             Pretrainer(backbone=overlapping, objectives=dataclasses.replace(
                 alone, **{name: dataclasses.replace(getattr(alone, name), weight=1.0)}))
+    with pytest.raises(ValueError, match="objectives.mae on patches overlapping in frequency needs whole time columns"):
+        Pretrainer(backbone=overlapping, objectives=dataclasses.replace(alone, mae=MAEConfig(masking="random")))
     with pytest.raises(ValueError, match="metric.patchout"):
         MetricConfig(patchout=1.0)
+
+
+def test_mae_on_patches_overlapping_in_frequency_hides_whole_time_columns_and_learns(features):
+    overlapping = dataclasses.replace(TINY, frequency_stride=4)  # 29 x 6 patches of 1 s clips
+    mae = MAEConfig(mask_ratio=0.6, masking="time", decoder_hidden_size=64, decoder_layers=1, decoder_heads=4,
+                    decoder_intermediate_size=128)
+    torch.manual_seed(0)
+    model = Pretrainer(backbone=overlapping, objectives=ObjectivesConfig(mae=mae))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(150):
+        model.mae(features["train"][(step % 8) * 16:][:16])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        seen = model.mae(features["train"])
+        held = model.mae(features["held_out"])
+    columns = held["masked"].view(-1, 29, 6)
+    assert (columns.all(dim=1).sum(1) == round(0.6 * 6)).all() and (columns.all(dim=1) == columns.any(dim=1)).all()
+    frames = 6 * 16  # each target is the token's own (overlapping) patch
+    patches = torch.nn.functional.unfold(features["held_out"][:, :frames].transpose(1, 2)[:, None], 16, stride=(4, 16))
+    torch.testing.assert_close(held["target"], normalise_patches(patches.transpose(1, 2)))
+    mean_patch = seen["target"][seen["masked"]].mean(0)
+    baseline = masked_patch_loss(mean_patch.expand_as(held["target"]), held["target"], held["masked"])
+    assert held["loss"] < baseline - 0.02, (float(held["loss"]), float(baseline))
+    drawn = pictures(model, {"audio": gliding_tones(2, seed=2)})
+    assert drawn["mae/input-masked-reconstruction"].shape == (3 * 128 + 8, frames, 3)
 
 
 def test_metric_views_are_resize_cropped_in_training_only_when_asked(features):
