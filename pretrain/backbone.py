@@ -162,12 +162,12 @@ class PatchEmbedding(nn.Module):
         patches = F.unfold(rearrange(features, "b t f -> b 1 f t"), self.patch_size, stride=self.projection.stride)
         return rearrange(patches, "b c n -> b n c")
 
-    def image(self, patches: Tensor, mels: int) -> Tensor:
-        """(B, N, pf*pt) patches in token order -> (B, grid_t*pt, mels) features, overlaps averaged: the inverse of
-        `patches` on the frames they cover (`unpatchify` for non-overlapping ones)."""
+    def image(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, N, pf*pt) patches in token order with grid (freq patches, time patches) -> (B, frames, mels) features
+        they cover, overlaps averaged: the inverse of `patches` (`unpatchify` for non-overlapping ones)."""
         stride = self.projection.stride
-        frames = (patches.shape[1] // ((mels - self.patch_size) // stride[0] + 1) - 1) * stride[1] + self.patch_size
-        fold = dict(output_size=(mels, frames), kernel_size=self.patch_size, stride=stride)
+        size = tuple((count - 1) * step + self.patch_size for count, step in zip(grid, stride))  # (mels, frames)
+        fold = dict(output_size=size, kernel_size=self.patch_size, stride=stride)
         summed = F.fold(rearrange(patches, "b n c -> b c n"), **fold)
         counts = F.fold(torch.ones_like(patches[:1]).transpose(1, 2), **fold)
         return rearrange(summed / counts, "b 1 f t -> b t f")

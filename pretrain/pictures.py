@@ -27,8 +27,7 @@ def pictures(model: Pretrainer, batch: dict) -> dict[str, np.ndarray]:
         shown = patches.masked_fill(masked, low)
         rebuilt = torch.where(masked, prediction, patches)
         image = model.backbone.patch_embed.image
-        mels = features.shape[2]
-        panels = [features[0, : grid[1] * patch], image(shown, mels)[0], image(rebuilt, mels)[0]]
+        panels = [features[0, : grid[1] * patch], image(shown, grid)[0], image(rebuilt, grid)[0]]
         drawn["mae/input-masked-reconstruction"] = _stack([_colour(p, low, high) for p in panels])
     if model.objectives.electra.weight > 0:
         electra = model.electra(features)
