@@ -139,8 +139,8 @@ BUDGETS = {
     # (the larger pool adds ~4 min of rendering, not pretraining); synth-labels adds ~55 min of stages (rendering and
     # packing 6, its 4000 steps 10, its fine-tunes, evaluations, calibrations and label-efficiency points 39;
     # 2026-12-06, Intel Xeon). 1500 pretraining steps are enough for the objectives: metric for 4000 steps (37.7 min,
-    # AMD EPYC) and MAE for 10,000 (39.5 min; loss still falling, in-domain probe flat throughout) probe and fine-tune
-    # as at 1500 (bench/quality_notes.md).
+    # AMD EPYC), MAE for 10,000 (39.5 min; loss still falling, in-domain probe flat) and the teacher for 5000 (28.1
+    # min; in-domain probe up 0.1 LRAP) fine-tune as at 1500 (bench/quality_notes.md).
     "full": Budget(unlabeled=10000, labelled_per_class=(8, 16, 32), main_per_class=16, test_files=200, size="cpu-2",
                    seeds=(0, 1, 2), pretrain_steps=1500, pretrain_batch=32, finetune_steps=400, finetune_batch=32,
                    probe_steps=300, probe_batch=32, synth_labels_per_class=1000,
