@@ -18,9 +18,9 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 
 from core.errors import UserError
 from pretrain.__main__ import main
-from pretrain.backbone import Backbone, BackboneConfig
+from pretrain.backbone import Backbone, BackboneConfig, ModelConfig
 from pretrain.frontend import FrontendConfig, LogMel
-from pretrain.hub import load_backbone, publish, save_pretrained
+from pretrain.hub import load_backbone, load_for_training, publish, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -132,6 +132,43 @@ def test_loads_overlapping_stride_10_ast_checkpoints(tmp_path: Path, head: bool)
         ours = backbone(features)
     torch.testing.assert_close(ours.hidden, reference.last_hidden_state, rtol=0, atol=TOLERANCE)
     torch.testing.assert_close(ours.embedding, reference.pooler_output, rtol=0, atol=TOLERANCE)
+
+
+def test_a_saved_backbone_trains_on_overlapping_patches_with_its_positions_resampled(exported, tmp_path: Path) -> None:
+    """model.frequency_stride beside a saved non-overlapping backbone (AST's way with ImageNet patches): the same
+    weights slide every 4 bins; new patch j is centred where old patch j/4 would be, so its position is that one,
+    interpolated; the result is still a plain transformers AST."""
+    backbone, folder = exported
+    fitted = load_for_training(str(folder), model=ModelConfig(size="tiny", frequency_stride=4), sample_rate=16000,
+                               frames=298, given=f"backbone={folder}", source="recipe.yaml")
+    assert (fitted.config.frequency_stride, fitted.config.time_stride) == (4, 16)
+    assert (backbone.grid(298), fitted.grid(298)) == ((8, 18), (29, 18))
+    old, new = backbone.grid_position.detach(), fitted.grid_position.detach()
+    torch.testing.assert_close(new[::4], old, rtol=0, atol=1e-6)
+    torch.testing.assert_close(new[2], (old[0] + old[1]) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(new[5], 0.75 * old[1] + 0.25 * old[2], rtol=0, atol=1e-6)
+    assert all(torch.equal(fitted.state_dict()[name], tensor) for name, tensor in backbone.state_dict().items()
+               if name != "grid_position")
+    shorter = load_for_training(str(folder), model=ModelConfig(size="tiny", frequency_stride=4), sample_rate=16000,
+                                frames=100, given=f"backbone={folder}", source="recipe.yaml")
+    torch.testing.assert_close(shorter.grid_position, fitted.grid_position[:, :shorter.grid(100)[1]], rtol=0, atol=0)
+
+    saved = save_pretrained(fitted, tmp_path / "regridded")
+    reference = ASTModel.from_pretrained(saved).eval()
+    features = torch.randn(2, 298, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fitted.eval()(features).hidden, reference(features).last_hidden_state, rtol=0,
+                                   atol=TOLERANCE)
+
+    with pytest.raises(UserError, match=r"^recipe.yaml: model: frequency_stride and time_stride must be 1..patch_size "
+                                        r"\(16\), got 17 and 16$"):
+        load_for_training(str(folder), model=ModelConfig(size="tiny", frequency_stride=17), sample_rate=16000,
+                          frames=298, given=f"backbone={folder}", source="recipe.yaml")
+    with pytest.raises(UserError, match=r"^recipe.yaml: model.num_layers shapes a backbone trained from scratch, but "
+                                        rf"backbone={folder} is given; drop one of the two \(override "
+                                        r"model.num_layers=null\)$"):
+        load_for_training(str(folder), model=ModelConfig(size="tiny", num_layers=3, frequency_stride=4),
+                          sample_rate=16000, frames=298, given=f"backbone={folder}", source="recipe.yaml")
 
 
 def test_load_errors_name_the_file_and_the_fix(tmp_path: Path, exported) -> None:
