@@ -93,10 +93,6 @@ SYNTH_LABELS_FINETUNE = ("model.frequency_stride=null", "train.lr=1e-4")
 SYNTH_LABELS_REHEARSAL = 1 / 8
 SYNTH_LABELS_VAL_FRACTION = 0.1
 VAL_FRACTION = 0.2
-# The table's objectives pretrain non-overlapping patches (the teacher and ELECTRA need them); their fine-tunes run the
-# recipe as it is, so the loader re-grids them to its overlapping patches (stride 4, positions resampled) and they
-# train with its patchout, as scratch does (twenty-ninth session: +0.022 macro F1, +0.025 LRAP, +0.056 mAP for MAE
-# against keeping their own stride-16 patches without patchout, seeds 0-2; bench/quality_notes.md).
 # Every fine-tune of the unlabeled-audio table (scratch, each backbone, synth-labels) also colours its few one-font
 # clips as other bodies, microphones and rooms would: the shipped recipe leaves the waveform augmentation off, tuned
 # on 1000 clips per class in three fonts, but at 16 per class in one font it lifts a scratch fine-tune by +0.069 macro
@@ -371,6 +367,10 @@ def run_bench(args: argparse.Namespace) -> dict:
             train = json.dumps(rehearsal(labelled[n], pretrained[name]["shards"], SYNTH_LABELS_REHEARSAL))
             val = json.dumps([val, str(pretrained[name]["shards"] / "val")])
         else:
+            # The objectives pretrain non-overlapping patches (the teacher and ELECTRA need them); the recipe's stride 4
+            # re-grids them to its overlapping ones (positions resampled) and they train with its patchout, as scratch
+            # does (twenty-ninth session: MAE +0.022 macro F1, +0.025 LRAP, +0.056 mAP against its own stride-16
+            # patches without patchout, seeds 0-2; bench/quality_notes.md).
             start = (f"backbone={backbone}",) if backbone else (f"model.size={budget.size}",)
         steps, batch = ((budget.finetune_steps, budget.finetune_batch) if kind == "finetune"
                         else (budget.probe_steps, budget.probe_batch))
@@ -696,8 +696,8 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"{sizes['test_files']} polyphonic files rendered with {Path(result['test_soundfont']).name}, a font in "
         "neither set. Backbone size "
         f"`{sizes['size']}` everywhere; every fine-tune runs the same recipe, with the waveform augmentation "
-        f"({' '.join(FEW_LABELS_FINETUNE)}), with seeds {seeds} (mean +- sample std); the probe (a linear head on mean patch tokens of the frozen backbone) runs seed "
-        f"{sizes['seeds'][0]}.", "",
+        f"({' '.join(FEW_LABELS_FINETUNE)}), with seeds {seeds} (mean +- sample std); the probe (a linear head on mean "
+        f"patch tokens of the frozen backbone) runs seed {sizes['seeds'][0]}.", "",
         "The same-font columns score the same fine-tuned models on the same test pieces rendered with the labelled "
         "set's font. The yardsticks (`python -m finetune yardsticks`) use no ViT: *no information* predicts every "
         "instrument (F1) or ranks at random (LRAP, mAP); the regression is one logistic regression per instrument "

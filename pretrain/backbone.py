@@ -90,8 +90,10 @@ class ModelConfig:
     dropout: float | None = None
 
     def shaping(self) -> list[str]:
-        """The overrides that are set (`model.NAME`): they shape a backbone trained from scratch, not a loaded one."""
-        return [f"model.{f.name}" for f in fields(self) if f.name != "size" and getattr(self, f.name) is not None]
+        """The overrides that are set (`model.NAME`) and shape a backbone trained from scratch, not a loaded one; the
+        strides are not among them: beside a loaded backbone they re-grid its patches (hub.load_for_training)."""
+        regrid = ("size", "frequency_stride", "time_stride")
+        return [f"model.{f.name}" for f in fields(self) if f.name not in regrid and getattr(self, f.name) is not None]
 
     def backbone_config(self, *, max_frames: int, frontend: FrontendConfig) -> BackboneConfig:
         """The BackboneConfig it names; raises ValueError for an unknown size or impossible shapes."""

@@ -299,11 +299,11 @@ def load_for_training(path_or_repo_id: str, *, model: ModelConfig, sample_rate: 
                       source: str | os.PathLike) -> Backbone:
     """A saved backbone to train on `sample_rate` Hz clips of `frames` frames, its position grid cut to them (so its
     export has `max_length` = the training clip). `model.frequency_stride` / `model.time_stride` set beside it re-grid
-    its patches (AST's way of fine-tuning non-overlapping ImageNet patches with overlapping ones): the same kernel slides
-    with the new stride and the positions are resampled to the new patch centres (`regrid_positions`). `given` names
-    the recipe key that brought it (`backbone=PATH`), for the one-line errors: other `model` overrides set beside it,
-    another sample rate, clips longer than its grid, impossible strides."""
-    if shaped := [key for key in model.shaping() if key not in ("model.frequency_stride", "model.time_stride")]:
+    its patches (AST's way of fine-tuning non-overlapping ImageNet patches with overlapping ones): the same kernel
+    slides with the new stride and the positions are resampled to the new patch centres (`regrid_positions`). `given`
+    names the recipe key that brought it (`backbone=PATH`), for the one-line errors: other `model` overrides set beside
+    it, another sample rate, clips longer than its grid, impossible strides."""
+    if shaped := model.shaping():
         nulls = " ".join(f"{key}=null" for key in shaped)
         verb = "shapes" if len(shaped) == 1 else "shape"
         raise UserError(f"{source}: {', '.join(shaped)} {verb} a backbone trained from scratch, but {given} "
@@ -316,28 +316,26 @@ def load_for_training(path_or_repo_id: str, *, model: ModelConfig, sample_rate: 
     if frames > config.max_frames:
         raise UserError(f"{source}: the backbone takes at most {config.max_frames} frames but data.clip_seconds needs "
                         f"{frames}; lower data.clip_seconds")
-    strides = dict(frequency_stride=model.frequency_stride or config.frequency_stride,
-                   time_stride=model.time_stride or config.time_stride)
-    if frames == config.max_frames and strides == dict(frequency_stride=config.frequency_stride,
-                                                       time_stride=config.time_stride):
-        return backbone
     try:
-        fitted = Backbone(dataclasses.replace(config, max_frames=frames, **strides))
+        fitted = dataclasses.replace(config, max_frames=frames,
+                                     frequency_stride=model.frequency_stride or config.frequency_stride,
+                                     time_stride=model.time_stride or config.time_stride)
     except ValueError as error:
         raise UserError(f"{source}: model: {error}") from None
+    if fitted == config:
+        return backbone
     state = backbone.state_dict()
-    if fitted.config.grid(frames) == config.grid(frames):  # the same patches: the grid is cut, every value kept
-        state["grid_position"] = state["grid_position"][:, :fitted.grid_position.shape[1]].clone()
-    else:
-        state["grid_position"] = regrid_positions(state["grid_position"], old=config, new=fitted.config, frames=frames)
-    fitted.load_state_dict(state)
-    return fitted
+    state["grid_position"] = regrid_positions(state["grid_position"], old=config, new=fitted, frames=frames)
+    regridded = Backbone(fitted)
+    regridded.load_state_dict(state)
+    return regridded
 
 
 def regrid_positions(grid: Tensor, *, old: BackboneConfig, new: BackboneConfig, frames: int) -> Tensor:
     """(grid_f, grid_t, D) positions of `old`'s patches -> those of `new`'s patches over `frames` frames: each new patch
     takes the position linearly interpolated at its centre, in units of the old stride (patch i of stride s is
-    centred on s*i + patch/2 on both grids, so new patch j sits at old index j * s_new / s_old)."""
+    centred on s*i + patch/2 on both grids, so new patch j sits at old index j * s_new / s_old). With the same strides
+    that index is j itself, so the grid is only cut to `frames`, every value kept exactly."""
     grid_f, grid_t = new.grid(frames)
     at_f = torch.arange(grid_f, dtype=torch.float64) * new.frequency_stride / old.frequency_stride
     at_t = torch.arange(grid_t, dtype=torch.float64) * new.time_stride / old.time_stride
