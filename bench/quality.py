@@ -160,7 +160,8 @@ class Runner:
     (recipes) and the runs of the stages it depends on, so a stage that runs again reruns what reads it. A stage
     finished under the same key is skipped; a stage last started under another key has its output cleared
     first, so changing a recipe, a step count or the data reruns exactly what depends on it and never resumes
-    another configuration's checkpoints.
+    another configuration's checkpoints. A stage interrupted and run again under the same key resumes, and its
+    seconds add up every leg (an interrupted leg lasted until its log was last written).
     """
 
     def __init__(self, *, out: Path, env: dict[str, str]) -> None:
@@ -191,19 +192,26 @@ class Runner:
             return
         if (fresh or (record and record.get("key") != key)) and output.exists():
             shutil.rmtree(output)
-        record_path.write_text(json.dumps({"key": key, "command": command, "status": "running"}) + "\n")
         log = self.logs / f"{name}.log"
+        resumed = bool(record and record.get("key") == key and "started" in record and output.exists())
+        earlier = 0.0  # seconds of this key's interrupted legs, whose output the command resumes from
+        if resumed:
+            last_write = log.stat().st_mtime if log.is_file() else record["started"]
+            earlier = record["earlier_seconds"] + max(0.0, last_write - record["started"])
+        record_path.write_text(json.dumps({"key": key, "command": command, "status": "running",
+                                           "started": time.time(), "earlier_seconds": earlier}) + "\n")
         print(f"[bench] {name}: $ {shown}  (log: {log})", file=sys.stderr)
         started = time.perf_counter()
-        with open(log, "w") as handle:
+        with open(log, "a" if resumed else "w") as handle:  # an interrupted leg's log is kept above the next
             status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=self.env).returncode
-        seconds = time.perf_counter() - started
+        seconds = earlier + time.perf_counter() - started
         if status != 0 or not done.exists():
             lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
             last = lines[-1] if lines else "no output"
             why = f"exited with status {status}" if status else f"did not write {done}"
             raise UserError(f"stage {name} failed: {why} ({last[:200]}); full log: {log}")
-        print(f"[bench] {name}: {seconds:.0f} s", file=sys.stderr)
+        legs = f" ({earlier:.0f} s of them in interrupted legs)" if resumed else ""
+        print(f"[bench] {name}: {seconds:.0f} s{legs}", file=sys.stderr)
         run = f"{key}/{uuid.uuid4().hex}"  # what later stages depend on: this very run of the stage
         record_path.write_text(json.dumps({"key": key, "run": run, "command": command, "status": "done",
                                            "seconds": seconds}) + "\n")
