@@ -1,4 +1,4 @@
-"""`python -m pretrain RECIPE.yaml [key=value ...]` and its commands: embed, publish."""
+"""`python -m pretrain RECIPE.yaml [key=value ...]` and its commands: embed, export, publish."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from core.errors import ArgumentParser, dispatch, run_cli
 
 COMMANDS = {
     "embed": ("pretrain.embed:main", "BACKBONE AUDIO_OR_SHARDS... --out FILE.npz   clip embeddings for downstream use"),
+    "export": ("pretrain.train:export_main",
+               "RUN/checkpoints/step-N [--out DIR]   a checkpoint's backbone as a Hub folder (RUN/backbone-step-N)"),
     "publish": ("pretrain.__main__:publish_main",
                 "DIR --repo-id USER/NAME [--private] [--dry-run]   upload a backbone folder to the Hub"),
 }

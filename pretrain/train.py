@@ -20,6 +20,7 @@ A recipe is plain YAML read into `PretrainRecipe`:
 
 The backbone is written in the Hub format (`pretrain.hub.save_pretrained`) to `<output_dir>/backbone/` at every
 checkpoint and at the end, with a model card naming the data, objectives, recipe, steps and final losses.
+`python -m pretrain export RUN/checkpoints/step-N` writes the backbone of an earlier checkpoint the same way.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from core.errors import UserError
+from core.errors import ArgumentParser, UserError, output_folder
 from core.recipe import recipe_from_argv, to_dict
 from core.trainer import TRACKERS, TrainConfig, launch_state, train
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
-from pretrain.hub import load_for_training, save_pretrained
+from pretrain.hub import load_backbone, load_for_training, save_pretrained
 from pretrain.objectives import OBJECTIVES, ObjectivesConfig, Pretrainer
 from pretrain.pictures import pictures
 from pretrain.probe import Probe, ProbeConfig
@@ -151,4 +154,54 @@ def main(argv: list[str]) -> int:
         losses = ", ".join(f"{name} {logs[name]:.4f}" for name in OBJECTIVES if name in logs)
         print(f"pretrained {state['step']} steps: loss {logs.get('loss', float('nan')):.4f} ({losses}), "
               f"{state['clips_per_s']:.1f} clips/s; backbone in {Path(recipe.output_dir) / 'backbone'}")
+    return 0
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, int]:
+    """The backbone of a pretraining checkpoint (RUN/checkpoints/step-N) as a Hub folder, by default RUN/backbone-step-N;
+    returns the folder and the checkpoint's step. The run's own RUN/backbone (written at every checkpoint) gives the
+    geometry; the folder appears whole or not at all."""
+    checkpoint = Path(checkpoint)
+    weights_file = checkpoint / "model.safetensors"
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: missing; pass a checkpoint folder of a pretraining run, e.g. "
+                        "runs/mae-tiny-synth/checkpoints/step-001500")
+    run_dir = checkpoint.parent.parent
+    template = run_dir / "backbone"
+    if not (template / "config.json").is_file():
+        raise UserError(f"{template / 'config.json'}: missing; export needs the run folder's backbone/ beside "
+                        "checkpoints/ (a `python -m pretrain` run writes it at its first checkpoint)")
+    out = Path(out) if out is not None else run_dir / f"backbone-{checkpoint.name}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists; pass --out with a new folder, or remove this one")
+    backbone = load_backbone(template)
+    try:
+        weights = load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{weights_file}: unreadable ({str(error).splitlines()[0][:120]}); the checkpoint was cut "
+                        "short, pick another one") from None
+    state = {name.removeprefix("backbone."): tensor for name, tensor in weights.items() if name.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"{weights_file}: its backbone weights do not match {template / 'config.json'} "
+                        f"({str(error).splitlines()[0][:160]}); pass a checkpoint of a pretraining run") from None
+    trainer_state = checkpoint / "trainer_state.json"
+    step = json.loads(trainer_state.read_text())["step"] if trainer_state.is_file() else None
+    partial = output_folder(out.parent) / f".{out.name}.partial"
+    save_pretrained(backbone, partial, card={"name": f"{run_dir.name}, {checkpoint.name}", "steps": step})
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    return out, step
+
+
+def export_main(argv: list[str]) -> int:
+    """Write the backbone of one pretraining checkpoint as a Hub folder (for a checkpoint before the last)."""
+    parser = ArgumentParser(prog="python -m pretrain export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="RUN/checkpoints/step-N of a `python -m pretrain` run")
+    parser.add_argument("--out", default=None, help="the new folder (default: RUN/backbone-step-N)")
+    args = parser.parse_args(argv)
+    out, step = export_checkpoint(args.checkpoint, args.out)
+    print(f"backbone of {args.checkpoint} (step {step}) in {out}")
     return 0

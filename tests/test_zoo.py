@@ -126,6 +126,9 @@ PRETRAIN = {
                                 "shard-000000.tar: unreadable shard"),
     "embed a missing backbone": (["embed", "{root}/nothing/here", "{text}", "--out", "{root}/e.npz"], "nothing/here"),
     "publish a missing folder": (["publish", "{root}/none", "--repo-id", "a/b", "--dry-run"], "none"),
+    "export a missing checkpoint": (["export", "{root}/none"], "none/model.safetensors: missing"),
+    "export a fine-tuning checkpoint": (["export", "{run}/checkpoints/step-000002"],
+                                        "run/backbone/config.json: missing; export needs the run folder's backbone/"),
 }
 
 
@@ -201,6 +204,7 @@ def test_predict_expands_folders_like_embed(zoo, capsys):
 
 @pytest.mark.parametrize("main, argv", [
     (shards_main, ["pack"]), (shards_main, []), (pretrain_main, ["embed"]), (pretrain_main, ["publish"]),
+    (pretrain_main, ["export"]),
     (pretrain_main, ["RECIPE.yaml"]), (finetune_main, ["RECIPE.yaml"]), (finetune_main, ["evaluate"]),
     (finetune_main, ["predict"]), (finetune_main, ["yardsticks"]), (finetune_main, ["serve"]),
     (finetune_main, ["plot-embeddings"]),

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import ASTModel
 
 from core.errors import UserError
 from core.recipe import load_recipe
@@ -154,6 +155,24 @@ def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards
     assert list((run_dir / "files" / "media" / "images" / "mae").glob("*.png"))
     card = (tmp_path / "whole" / "backbone" / "README.md").read_text()
     assert "16 optimisation steps" in card and "mae" in card
+
+    # `pretrain export`: a checkpoint's backbone as a Hub folder; the last one's is the run's own backbone
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    for step in (12, 16):
+        result = run_module("pretrain", "export", str(checkpoints / f"step-{step:06d}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"(step {step}) in {tmp_path / 'whole' / f'backbone-step-{step:06d}'}" in result.stdout
+    final, exported = (load_file(tmp_path / "whole" / folder / "model.safetensors")
+                       for folder in ("backbone", "backbone-step-000016"))
+    assert final.keys() == exported.keys() and all(torch.equal(final[name], exported[name]) for name in final)
+    earlier = ASTModel.from_pretrained(tmp_path / "whole" / "backbone-step-000012")
+    assert not torch.equal(earlier.state_dict()["embeddings.patch_embeddings.projection.weight"],
+                           final["embeddings.patch_embeddings.projection.weight"])
+    assert "12 optimisation steps" in (tmp_path / "whole" / "backbone-step-000012" / "README.md").read_text()
+    again = run_module("pretrain", "export", str(checkpoints / "step-000012"))
+    assert again.returncode == 2 and "backbone-step-000012: already exists" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name.startswith(("backbone", "."))) == [
+        "backbone", "backbone-step-000012", "backbone-step-000016"]
 
 
 def test_checkpoint_selection_ignores_half_written_saves(tmp_path):
