@@ -164,8 +164,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     checkpoint = Path(checkpoint)
     weights_file = checkpoint / "model.safetensors"
     if not weights_file.is_file():
-        raise UserError(f"{weights_file}: missing; pass a checkpoint folder of a pretraining run, e.g. "
-                        "runs/mae-tiny-synth/checkpoints/step-001500")
+        inside = sorted(checkpoint.glob("step-*")) or sorted(checkpoint.glob("checkpoints/step-*"))  # a run's folders
+        raise UserError(f"{weights_file}: missing; pass " + (f"one of its checkpoints, e.g. {inside[-1]}" if inside else
+                        "a checkpoint folder of a pretraining run, e.g. runs/mae-tiny-synth/checkpoints/step-001500"))
     run_dir = checkpoint.parent.parent
     template = run_dir / "backbone"
     if not (template / "config.json").is_file():

@@ -127,6 +127,7 @@ PRETRAIN = {
     "embed a missing backbone": (["embed", "{root}/nothing/here", "{text}", "--out", "{root}/e.npz"], "nothing/here"),
     "publish a missing folder": (["publish", "{root}/none", "--repo-id", "a/b", "--dry-run"], "none"),
     "export a missing checkpoint": (["export", "{root}/none"], "none/model.safetensors: missing"),
+    "export a run folder": (["export", "{run}"], "pass one of its checkpoints, e.g. {run}/checkpoints/step-000002"),
     "export a fine-tuning checkpoint": (["export", "{run}/checkpoints/step-000002"],
                                         "run/backbone/config.json: missing; export needs the run folder's backbone/"),
 }
@@ -141,7 +142,7 @@ def test_pretrain_commands(zoo, capsys, case):
                                           "model": {"size": "cpu-2"}, "train": {"steps": 1, "batch_size": 2}}))
         argv = [str(recipe), *argv[1:]]
     before = fingerprint(zoo["run"])
-    fails(capsys, pretrain_main, resolve(zoo, argv), names=(message,))
+    fails(capsys, pretrain_main, resolve(zoo, argv), names=tuple(resolve(zoo, [message])))
     assert fingerprint(zoo["run"]) == before
     assert not (zoo["root"] / "e.npz").exists()
 
