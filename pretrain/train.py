@@ -157,10 +157,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, int]:
-    """The backbone of a pretraining checkpoint (RUN/checkpoints/step-N) as a Hub folder, by default RUN/backbone-step-N;
-    returns the folder and the checkpoint's step. The run's own RUN/backbone (written at every checkpoint) gives the
-    geometry; the folder appears whole or not at all."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, int | None]:
+    """The backbone of a pretraining checkpoint (RUN/checkpoints/step-N) as a Hub folder, by default
+    RUN/backbone-step-N; returns the folder and the checkpoint's step. The run's own RUN/backbone (written at every
+    checkpoint) gives the geometry; the folder appears whole or not at all."""
     checkpoint = Path(checkpoint)
     weights_file = checkpoint / "model.safetensors"
     if not weights_file.is_file():

@@ -109,7 +109,8 @@ def test_two_process_ddp_run_on_uneven_shards_keeps_ranks_identical(shards, tmp_
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters_and_wandb_logs_offline(shards, run_module, tmp_path):
+def test_killed_run_resumes_to_the_same_parameters_wandb_logs_offline_and_checkpoints_export(shards, run_module,
+                                                                                             tmp_path):
     settings = {"steps": 16, "checkpoint_every": 4, "image_every": 8}
     whole = tiny_recipe(tmp_path / "whole.yaml", shards, tmp_path / "whole", **settings)
     # The whole run keeps its shards decoded in memory from its first epoch on; the killed and resumed one reads
