@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from core.errors import ArgumentParser, UserError, output_folder
 from core.recipe import recipe_from_argv, to_dict
-from core.trainer import TRACKERS, TrainConfig, launch_state, train
+from core.trainer import TRACKERS, TrainConfig, latest_checkpoint, launch_state, train
 from pretrain.augment import WaveAugment, WaveAugmentConfig
 from pretrain.backbone import BackboneConfig, ModelConfig, param_groups
 from pretrain.frontend import FrontendConfig
@@ -164,8 +164,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     checkpoint = Path(checkpoint)
     weights_file = checkpoint / "model.safetensors"
     if not weights_file.is_file():
-        inside = sorted(checkpoint.glob("step-*")) or sorted(checkpoint.glob("checkpoints/step-*"))  # a run's folders
-        raise UserError(f"{weights_file}: missing; pass " + (f"one of its checkpoints, e.g. {inside[-1]}" if inside else
+        latest = latest_checkpoint(checkpoint) or latest_checkpoint(checkpoint / "checkpoints")  # a run's folders
+        raise UserError(f"{weights_file}: missing; pass " + (f"one of its checkpoints, e.g. {latest}" if latest else
                         "a checkpoint folder of a pretraining run, e.g. runs/mae-tiny-synth/checkpoints/step-001500"))
     run_dir = checkpoint.parent.parent
     template = run_dir / "backbone"
