@@ -59,6 +59,8 @@ class BackboneConfig:
         if not (1 <= self.frequency_stride <= self.patch_size and 1 <= self.time_stride <= self.patch_size):
             raise ValueError(f"frequency_stride and time_stride must be 1..patch_size ({self.patch_size}), got "
                              f"{self.frequency_stride} and {self.time_stride}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout is a probability in [0, 1); got {self.dropout}")
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> BackboneConfig:
@@ -91,9 +93,10 @@ class ModelConfig:
 
     def shaping(self) -> list[str]:
         """The overrides that are set (`model.NAME`) and shape a backbone trained from scratch, not a loaded one; the
-        strides are not among them: beside a loaded backbone they re-grid its patches (hub.load_for_training)."""
-        regrid = ("size", "frequency_stride", "time_stride")
-        return [f"model.{f.name}" for f in fields(self) if f.name not in regrid and getattr(self, f.name) is not None]
+        strides and dropout are not among them: beside a loaded backbone the strides re-grid its patches and dropout
+        replaces its rate (hub.load_for_training), as `from_pretrained(..., hidden_dropout_prob=...)` does."""
+        kept = ("size", "frequency_stride", "time_stride", "dropout")
+        return [f"model.{f.name}" for f in fields(self) if f.name not in kept and getattr(self, f.name) is not None]
 
     def backbone_config(self, *, max_frames: int, frontend: FrontendConfig) -> BackboneConfig:
         """The BackboneConfig it names; raises ValueError for an unknown size or impossible shapes."""

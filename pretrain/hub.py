@@ -319,7 +319,8 @@ def load_for_training(path_or_repo_id: str, *, model: ModelConfig, sample_rate: 
     try:
         fitted = dataclasses.replace(config, max_frames=frames,
                                      frequency_stride=model.frequency_stride or config.frequency_stride,
-                                     time_stride=model.time_stride or config.time_stride)
+                                     time_stride=model.time_stride or config.time_stride,
+                                     dropout=config.dropout if model.dropout is None else model.dropout)
     except ValueError as error:
         raise UserError(f"{source}: model: {error}") from None
     if fitted == config:

@@ -171,6 +171,25 @@ def test_a_saved_backbone_trains_on_overlapping_patches_with_its_positions_resam
                           sample_rate=16000, frames=298, given=f"backbone={folder}", source="recipe.yaml")
 
 
+def test_a_saved_backbone_fine_tunes_with_the_dropout_the_recipe_sets(exported, tmp_path: Path) -> None:
+    """model.dropout beside a saved backbone replaces its rate (as from_pretrained(..., hidden_dropout_prob=...) does),
+    keeping every weight: it regularises the fine-tune, it does not shape the backbone."""
+    backbone, folder = exported
+    fitted = load_for_training(str(folder), model=ModelConfig(size="tiny", dropout=0.1), sample_rate=16000,
+                               frames=298, given=f"backbone={folder}", source="recipe.yaml")
+    assert (backbone.config.dropout, fitted.config.dropout) == (0.0, 0.1)
+    assert all(torch.equal(fitted.state_dict()[name], tensor) for name, tensor in backbone.state_dict().items())
+    features = torch.randn(2, 298, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert not torch.equal(fitted.train()(features).hidden, fitted.train()(features).hidden)
+        torch.testing.assert_close(fitted.eval()(features).hidden, backbone.eval()(features).hidden, rtol=0, atol=0)
+    saved = json.loads((save_pretrained(fitted, tmp_path / "dropout") / "config.json").read_text())
+    assert (saved["hidden_dropout_prob"], saved["attention_probs_dropout_prob"]) == (0.1, 0.1)
+    with pytest.raises(UserError, match=r"^recipe.yaml: model: dropout is a probability in \[0, 1\); got 1.0$"):
+        load_for_training(str(folder), model=ModelConfig(size="tiny", dropout=1.0), sample_rate=16000, frames=298,
+                          given=f"backbone={folder}", source="recipe.yaml")
+
+
 def test_load_errors_name_the_file_and_the_fix(tmp_path: Path, exported) -> None:
     _, folder = exported
     pickled = tmp_path / "pickled"
