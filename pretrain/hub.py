@@ -274,13 +274,16 @@ def load_backbone(path_or_repo_id: str | os.PathLike, *, revision: str | None = 
     frontend = FrontendConfig(sample_rate=extractor.get("sampling_rate", 16000),
                               num_mel_bins=extractor.get("num_mel_bins", ast.get("num_mel_bins", 128)),
                               mean=extractor.get("mean", FrontendConfig.mean), std=extractor.get("std", FrontendConfig.std))
-    config = BackboneConfig(
-        hidden_size=ast.get("hidden_size", 768), num_layers=ast.get("num_hidden_layers", 12),
-        num_heads=ast.get("num_attention_heads", 12), intermediate_size=ast.get("intermediate_size", 3072),
-        patch_size=ast.get("patch_size", 16), frequency_stride=ast.get("frequency_stride", 10),
-        time_stride=ast.get("time_stride", 10), num_mel_bins=ast.get("num_mel_bins", 128),
-        max_frames=ast.get("max_length", 1024), layer_norm_eps=ast.get("layer_norm_eps", 1e-12),
-        dropout=ast.get("hidden_dropout_prob", 0.0), frontend=frontend)
+    try:
+        config = BackboneConfig(
+            hidden_size=ast.get("hidden_size", 768), num_layers=ast.get("num_hidden_layers", 12),
+            num_heads=ast.get("num_attention_heads", 12), intermediate_size=ast.get("intermediate_size", 3072),
+            patch_size=ast.get("patch_size", 16), frequency_stride=ast.get("frequency_stride", 10),
+            time_stride=ast.get("time_stride", 10), num_mel_bins=ast.get("num_mel_bins", 128),
+            max_frames=ast.get("max_length", 1024), layer_norm_eps=ast.get("layer_norm_eps", 1e-12),
+            dropout=ast.get("hidden_dropout_prob", 0.0), frontend=frontend)
+    except ValueError as error:
+        raise UserError(f"{config_path}: {error}; fix it or re-export the folder") from None
     weights = {}
     for path in weight_files:
         weights.update({name: tensor for name, tensor in load_file(path).items()

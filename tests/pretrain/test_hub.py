@@ -210,6 +210,14 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path: Path, exported) -> None
     save_file({}, deeper / "model.safetensors")
     with pytest.raises(UserError, match="weights do not match config.json"):
         load_backbone(str(deeper))
+    impossible = tmp_path / "impossible"
+    impossible.mkdir()
+    (impossible / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                        "num_attention_heads": 5}))
+    (impossible / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(UserError, match=r"^\S*impossible/config.json: hidden_size \d+ is not divisible by "
+                                        r"num_heads 5; fix it or re-export the folder$"):
+        load_backbone(str(impossible))
     with pytest.raises(UserError, match="not in the Hub cache, and HF_HUB_OFFLINE is set; unset it"):
         load_backbone("timbre-tests/not-a-cached-model")
 
