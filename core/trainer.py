@@ -2,8 +2,8 @@
 
 Pretraining (`pretrain.train`) and fine-tuning (`finetune`) differ only in the model, the loss and the
 data, so the loop lives here once: DDP on GPUs, nodes or CPU processes, bf16/fp16 autocast, gradient
-accumulation, clipping, AdamW with linear warmup and cosine decay, optional `torch.compile`, atomic
-checkpoints, exact resume, trackers and a progress bar.
+accumulation, clipping, AdamW with linear warmup and cosine decay, optional `torch.compile`, an optional moving
+average of the weights, atomic checkpoints, exact resume, trackers and a progress bar.
 
 API
 ---
@@ -22,7 +22,7 @@ API
         start=None,                       # (unwrapped model) -> None or {name: float}; main process; a fresh run's
                                           # starting weights, logged as "val/<name>" at step 0
         images=None,                      # (unwrapped model, batch) -> {name: HxWx3 uint8}; main process; every image_every
-    )                                     # returns the unwrapped, trained model
+    )                                     # returns the unwrapped, trained model (the averaged one with ema_decay)
 
 Conventions the callers rely on:
 - `steps` counts optimiser steps; one step consumes `grad_accum` batches from the stream. `batch_size` is not used by
@@ -37,7 +37,7 @@ Conventions the callers rely on:
   out, the loop continues with `batches(epoch + 1)`. Resume re-creates the interrupted epoch and skips the batches
   already consumed, so a deterministic loader resumes at exactly the same sample.
 - The learning rate of every param group follows `lr_factor(step)` (linear warmup over `warmup_steps`, cosine decay to
-  0 at `steps`) times its own `lr` (default `config.lr`).
+  `min_lr_rate` at `steps`) times its own `lr` (default `config.lr`).
 - `export` and `images` run on the main process only and must not use collectives. What `export` returns (validation
   metrics, say) is logged to the tracker under `val/` at that step and printed as one line. Each `export` call gets
   `state` = {"step", "steps", "epoch", "logs": {name: value}, "clips_per_s", "finished"}, which an export can put in
@@ -50,6 +50,11 @@ Conventions the callers rely on:
   the previous checkpoint intact; the last `keep_checkpoints` are kept; a final one is written at the end.
 - `resume="auto"` continues from the newest complete checkpoint in `<output_dir>/checkpoints` (or starts fresh when
   there is none); model, optimiser, schedule, RNG states and data position are restored.
+- `ema_decay` > 0 keeps an exponential moving average of the weights after every optimiser step
+  (`torch.optim.swa_utils.AveragedModel`), its decay warmed up as TensorFlow's ExponentialMovingAverage does:
+  min(ema_decay, (1 + n) / (10 + n)) after n updates, so short runs forget their starting weights (a 400-step run
+  ends near 0.978 whatever the ceiling). `export` then gets the averaged model, not the trained one, and each
+  checkpoint holds both, so a resumed run averages on as an unbroken one.
 - DDP uses `find_unused_parameters=True`, so objectives may leave parameters without gradient on some steps.
 - Tracking: `wandb` runs offline when no WANDB_API_KEY is set and WANDB_MODE is unset (files under
   `<output_dir>/wandb`; a resumed run continues the same W&B run id), `tensorboard` writes to
@@ -85,6 +90,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env, send_to_device,
                                set_seed)
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from core.errors import UserError
 from core.files import write_json
@@ -110,6 +116,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
+    min_lr_rate: float = 0.0  # the cosine ends at lr x this (transformers' cosine_with_min_lr); 1.0 holds lr constant
     grad_accum: int = 1
     grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still logged)
     precision: str = "fp32"  # one of PRECISIONS, or auto (see resolve_precision)
@@ -119,6 +126,9 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 0  # 0 disables images
     seed: int = 0
+    # > 0: validate and export a moving average of the weights with this decay (at most; see the module docstring),
+    # e.g. 0.99; 0 exports the weights as trained
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:
@@ -128,15 +138,31 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1; got {self.keep_checkpoints}")
+        if not 0 <= self.min_lr_rate <= 1:
+            raise ValueError(f"min_lr_rate is the fraction of lr the cosine ends at, in [0, 1]; got {self.min_lr_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns the moving average off); got {self.ema_decay}")
 
 
-def lr_factor(step: int, *, warmup_steps: int, steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `steps`. (transformers' get_cosine_schedule_with_warmup is the
-    same curve, but importing it pulls in transformers.trainer_utils and peft: ~5 s at the start of every process.)"""
+def lr_factor(step: int, *, warmup_steps: int, steps: int, min_lr_rate: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_rate` at `steps`. (transformers'
+    get_cosine_with_min_lr_schedule_with_warmup is the same curve, but importing it pulls in transformers.trainer_utils
+    and peft: ~5 s at the start of every process.)"""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_update(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """`AveragedModel`'s multi_avg_fn for a moving average whose decay after n updates is min(decay, (1 + n) / (10 + n))
+    (TensorFlow's ExponentialMovingAverage with num_updates): each averaged tensor moves 1 - that towards the new one."""
+    def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        n = float(updates)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for mean, value in zip(averaged, current, strict=True):
+            mean.lerp_(value, weight)
+    return update
 
 
 class BatchStream:
@@ -267,7 +293,7 @@ def train(
     if not exported:  # resumed from a checkpoint at or past the last step
         run.export_model(finished=True)
     accelerator.end_training()
-    return accelerator.unwrap_model(run.model)
+    return run.exported_model()
 
 
 def _accelerator(config: TrainConfig, output_dir: Path, tracking: str, resume: str | None) -> Accelerator:
@@ -337,8 +363,15 @@ class _Run:
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas),
                                       weight_decay=config.weight_decay, fused=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps))
+            optimizer, lambda step: lr_factor(step, warmup_steps=config.warmup_steps, steps=config.steps,
+                                              min_lr_rate=config.min_lr_rate))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.average = None
+        if config.ema_decay:
+            # every rank keeps the same average (the weights are the same); checkpoints save the main process's
+            self.average = AveragedModel(self.accelerator.unwrap_model(self.model, keep_torch_compile=False),
+                                         multi_avg_fn=ema_update(config.ema_decay))
+            self.accelerator.register_for_checkpointing(self.average)
         self.batches, self.stream = batches, BatchStream(batches)
         self.sums: dict[str, Tensor | float] = defaultdict(float)
         self.count, self.clips, self.last_time = 0, 0, time.perf_counter()
@@ -348,6 +381,10 @@ class _Run:
         """Model, optimiser, schedule, RNG and data position from `checkpoint`; False when there is none."""
         if checkpoint is None:
             return False
+        averaged = (checkpoint / "custom_checkpoint_0.pkl").is_file()
+        if averaged != (self.average is not None):
+            raise UserError(f"{checkpoint}: written {'with' if averaged else 'without'} a moving average of the weights "
+                            f"but train.ema_decay={self.config.ema_decay}; resume with the run's own train.ema_decay")
         self.accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.schedule.load_state_dict(state["schedule"])
@@ -375,6 +412,8 @@ class _Run:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update_parameters(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
         self.step += 1
         self.count += 1
         self.progress.update(1)
@@ -417,9 +456,12 @@ class _Run:
             state = {"step": self.step, "steps": self.config.steps, "epoch": self.stream.epoch, "finished": finished,
                      **self.summary}
             write_json(self.output_dir / "trainer_state.json", state)
-            self.log_validation(self.export(accelerator.unwrap_model(self.model), self.output_dir, state)
-                                if self.export else None)
+            self.log_validation(self.export(self.exported_model(), self.output_dir, state) if self.export else None)
         accelerator.wait_for_everyone()
+
+    def exported_model(self) -> nn.Module:
+        """What the run validates and exports: the moving average of the weights when there is one, else the model."""
+        return self.average.module if self.average is not None else self.accelerator.unwrap_model(self.model)
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:

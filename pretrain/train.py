@@ -86,6 +86,10 @@ def run(recipe: PretrainRecipe, *, source: str | Path = "recipe") -> tuple[Pretr
                         "demo/shards/unlabeled/train)")
     if data.val:
         raise UserError(f"{source}: data.val is not used by pretraining; remove it (fine-tuning recipes take it)")
+    if recipe.train.ema_decay:
+        raise UserError(f"{source}: train.ema_decay={recipe.train.ema_decay}: pretraining exports its weights as trained "
+                        "(`pretrain export` reads them from checkpoints); the moving average is for fine-tuning, set "
+                        "train.ema_decay=0")
     urls = shard_urls(data.train)
     output_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)  # the same initial weights on every rank

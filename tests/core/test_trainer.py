@@ -18,7 +18,7 @@ from transformers import ASTModel
 
 from core.errors import UserError
 from core.recipe import load_recipe
-from core.trainer import cpu_has_bf16, latest_checkpoint, resolve_precision
+from core.trainer import cpu_has_bf16, latest_checkpoint, lr_factor, resolve_precision
 from pretrain.train import PretrainRecipe
 from shards.pack import PackOptions, pack
 
@@ -176,6 +176,19 @@ def test_killed_run_resumes_to_the_same_parameters_wandb_logs_offline_and_checkp
         "backbone", "backbone-step-000012", "backbone-step-000016"]
 
 
+def test_learning_rate_warms_up_then_follows_transformers_cosine_down_to_its_floor():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for rate in (0.0, 0.25, 1.0):
+        reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100,
+                                                               min_lr_rate=rate).lr_lambdas[0]
+        factors = [lr_factor(step, warmup_steps=10, steps=100, min_lr_rate=rate) for step in range(101)]
+        assert factors[:10] == pytest.approx([(step + 1) / 10 for step in range(10)])  # no step at lr 0
+        assert factors[10:] == pytest.approx([reference(step) for step in range(10, 101)])
+        assert factors[-1] == pytest.approx(rate)
+
+
 def test_checkpoint_selection_ignores_half_written_saves(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     for name in ("step-000004", "step-000008", ".tmp-step-000012", "step-000016"):
@@ -245,6 +258,13 @@ def test_recipe_mistakes_stop_with_one_line_naming_the_file(shards, tmp_path, mo
         main([str(recipe), f"probe.train={shards[0]}"])
     with pytest.raises(UserError, match=r"recipe.yaml: model: unknown backbone size 'huge'"):
         main([str(recipe), "model.size=huge"])
+    with pytest.raises(UserError, match=r"recipe.yaml: train.ema_decay=0.99: pretraining exports its weights as "
+                                        r"trained .*; the moving average is for fine-tuning, set train.ema_decay=0"):
+        main([str(recipe), "train.ema_decay=0.99"])
+    with pytest.raises(UserError, match=r"recipe.yaml: .*ema_decay must be in \[0, 1\)"):
+        main([str(recipe), "train.ema_decay=1.0"])
+    with pytest.raises(UserError, match=r"recipe.yaml: .*min_lr_rate is the fraction of lr the cosine ends at"):
+        main([str(recipe), "train.min_lr_rate=2"])
     with pytest.raises(UserError, match="no such shard"):
         main([str(recipe), f"data.train=[{tmp_path / 'missing'}]"])
     monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler on it

@@ -17,12 +17,13 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from core.errors import UserError
 from core.trainer import cpu_has_bf16
 from finetune.folder import load_model, save_model
 from finetune.heads import Head, HeadConfig
 from finetune.losses import MultiLabelLoss, label_counts, pos_weight_from_counts
 from finetune.metrics import multilabel_metrics, tune_thresholds
-from finetune.train import FinetuneRecipe, build_classifier, exporter, model_info, predict_set, validation_sets
+from finetune.train import FinetuneRecipe, build_classifier, exporter, model_info, predict_set, run, validation_sets
 from pretrain.backbone import Backbone, BackboneConfig, param_groups
 from pretrain.encoder import cut_windows, window_starts
 from pretrain.hub import save_pretrained
@@ -508,8 +509,47 @@ def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 0
 
 
+def test_moving_average_of_the_weights_is_validated_exported_and_resumed(data, backbone_dir, tmp_path):
+    """train.ema_decay: validation and the exported model use the moving average of the weights after each step
+    (decay min(ema_decay, (1 + n) / (10 + n)) after n updates); checkpoints keep it, so a run resumed from one
+    averages on as the unbroken run did, and resuming with another setting is a one-line error."""
+    def recipe(output: Path, *, resume: Path | None = None, decay: float = 0.8) -> FinetuneRecipe:
+        recipe = recipe_for(backbone_dir, data, head__kind="linear", data__shuffle_buffer=16, eval__mixtures=8,
+                            train__steps=5, train__batch_size=4, train__warmup_steps=1, train__lr=3e-3,
+                            train__checkpoint_every=1, train__keep_checkpoints=5, train__ema_decay=decay)
+        recipe.output_dir, recipe.resume = str(output), resume and str(resume)
+        return recipe
+
+    run(recipe(tmp_path / "whole"))
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    trained = [load_file(checkpoints / f"step-{step:06d}" / "model.safetensors") for step in range(1, 6)]
+    expected = [trained[0]]  # the first update copies the weights
+    for updates, weights in enumerate(trained[1:], start=1):
+        weight = 1 - min(0.8, (1 + updates) / (10 + updates))
+        expected.append({name: torch.lerp(expected[-1][name], weights[name], weight) for name in weights})
+    kept = torch.load(checkpoints / "step-000005" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert int(kept["n_averaged"]) == 5
+    for name, value in expected[-1].items():
+        torch.testing.assert_close(kept[f"module.{name}"], value)
+    assert not all(torch.equal(expected[-1][name], trained[-1][name]) for name in trained[-1])
+
+    step = json.loads((tmp_path / "whole" / "model" / "finetune.json").read_text())["validation"]["step"]
+    assert step > 1  # where the average and the weights differ
+    exported = load_model(tmp_path / "whole" / "model", device="cpu").classifier.state_dict()
+    for name, value in expected[step - 1].items():
+        torch.testing.assert_close(exported[name], value)
+
+    run(recipe(tmp_path / "resumed", resume=checkpoints / "step-000002"))
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "step-000005" / "custom_checkpoint_0.pkl",
+                         weights_only=True)
+    assert resumed.keys() == kept.keys() and all(torch.equal(resumed[name], kept[name]) for name in kept)
+    with pytest.raises(UserError, match=r"step-000002: written with a moving average of the weights but "
+                                        r"train.ema_decay=0.0; resume with the run's own train.ema_decay"):
+        run(recipe(tmp_path / "plain", resume=checkpoints / "step-000002", decay=0.0))
+
+
 @pytest.mark.slow
-def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, tmp_path):
+def test_two_process_ddp_run_with_adapters_head_warmup_and_a_moving_average(data, backbone_dir, tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
@@ -518,12 +558,14 @@ def test_two_process_ddp_run_with_adapters_and_head_warmup(data, backbone_dir, t
          "--dynamo_backend", "no", "--main_process_port", "0", "-m", "finetune", "recipes/finetune/adapter.yaml",
          f"backbone={backbone_dir}", f"data.train={data['train']}", f"data.val={data['val']}",
          f"output_dir={tmp_path / 'run'}", f"data.clip_seconds={CLIP}", "data.shuffle_buffer=16", "train.steps=4",
-         "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every=2", "adapt.warmup_head_steps=2"],
+         "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every=2", "adapt.warmup_head_steps=2",
+         "train.ema_decay=0.9"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("model: ") == 1  # the main process reports once
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["finished"]
+    assert (tmp_path / "run" / "checkpoints" / "step-000004" / "custom_checkpoint_0.pkl").is_file()  # the average
     model = load_model(tmp_path / "run" / "model", device="cpu")
     assert model.classifier.adapters is not None and not (tmp_path / "run" / "model" / "config.json").exists()
 
