@@ -9,7 +9,8 @@ from core.errors import dispatch, run_cli
 
 COMMANDS = {
     "evaluate": ("finetune.evaluate:main",
-                 "MODEL DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]   score a model on labelled files"),
+                 "MODEL [MODEL ...] DATA [--out DIR] [--aggregate mean|max] [--hop-seconds S]   score a model (or several "
+                 "as an ensemble) on labelled files"),
     "predict": ("finetune.predict:main",
                 "MODEL FILE_OR_FOLDER... [--timeline] [--out predictions.jsonl]   name the instruments in audio"),
     "calibrate": ("finetune.calibrate:main",

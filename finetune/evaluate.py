@@ -4,6 +4,10 @@ DATA is an IRMAS test folder (parsed by `shards.sources` as `irmas-test`) or tes
 windows of the training clip length (see `finetune.inference.infer`), and the model's thresholds decide presence from the
 per-file aggregate. Metrics are reported per file (what IRMAS publications report) and per window (each window carries
 its file's labels).
+
+Several models evaluate as one ensemble: each window's probabilities are the mean of the models' (the windows are the
+same, as the models share labels, sample rate, clip length and hop), files aggregate that mean, and each instrument's
+threshold is the mean of the models' thresholds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from core.errors import ArgumentParser, UserError, output_file, output_folder
 from core.progress import progress_bar
 from finetune.folder import FinetunedModel, load_model
-from finetune.inference import AGGREGATES, FileResult, add_inference_options, infer
+from finetune.inference import AGGREGATES, FileResult, add_inference_options, aggregate_windows, infer
 from finetune.metrics import REPORTED, multilabel_metrics
 from shards.inputs import labelled_examples
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
@@ -47,42 +51,70 @@ def run_model(model: FinetunedModel, data: str, *, hop_seconds: float | None, ba
     return list(progress_bar(results, desc="evaluate", unit=" files", leave=False))
 
 
-def evaluate(model: FinetunedModel, data: str, *, out: Path, aggregate: str | None = None,
+def ensemble_settings(models: list[FinetunedModel], *, aggregate: str | None,
+                      hop_seconds: float | None) -> tuple[str, float]:
+    """The aggregate and hop (seconds) the models share; a one-line error names the first model that differs."""
+    first = models[0]
+    shared = {"labels": lambda m: m.info.labels, "sample rate": lambda m: m.info.sample_rate,
+              "clip length": lambda m: m.info.clip_seconds,
+              "window hop": lambda m: m.hop(hop_seconds) / m.info.sample_rate}
+    if aggregate is None:
+        shared["aggregate"] = lambda m: m.info.aggregate
+    for model in models[1:]:
+        for what, value in shared.items():
+            if value(model) != value(first):
+                fix = {"window hop": "pass --hop-seconds", "aggregate": "pass --aggregate mean or max"}.get(
+                    what, "ensemble models fine-tuned on the same labels and clips")
+                raise UserError(f"{model.path}: its {what} ({value(model)}) differs from {first.path}'s "
+                                f"({value(first)}); {fix}")
+    return aggregate or first.info.aggregate, hop_seconds or first.info.hop_seconds
+
+
+def evaluate(models: FinetunedModel | list[FinetunedModel], data: str, *, out: Path, aggregate: str | None = None,
              hop_seconds: float | None = None, batch_size: int = 32) -> dict:
-    """Run, score, and write report.json, report.md, predictions.jsonl and the plots under `out`; returns the report."""
-    aggregate = aggregate or model.info.aggregate
+    """Run, score, and write report.json, report.md, predictions.jsonl and the plots under `out`; returns the report.
+
+    Several `models` are scored as their ensemble (see the module docstring).
+    """
+    models = [models] if isinstance(models, FinetunedModel) else list(models)
+    aggregate, hop_seconds = ensemble_settings(models, aggregate=aggregate, hop_seconds=hop_seconds)
     if aggregate not in AGGREGATES:
         raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
     skipped: list[dict] = []
-    results = run_model(model, data, hop_seconds=hop_seconds, batch_size=batch_size, skipped=skipped)
-    if not results:
+    runs = [run_model(model, data, hop_seconds=hop_seconds, batch_size=batch_size, skipped=skipped if i == 0 else [])
+            for i, model in enumerate(models)]
+    if not runs[0]:
         raise UserError(f"{data}: none of the files could be read ({len(skipped)} skipped); see the reasons with "
                         f"`python -m shards pack irmas-test {data} OUTDIR`")
-    labels, thresholds = model.info.labels, np.array(model.info.thresholds)
-    targets = np.stack([multi_hot(item.instruments) for item, _ in results])
-    probabilities = np.stack([result.aggregate(aggregate) for _, result in results])
-    chunk_probabilities = np.concatenate([result.probabilities for _, result in results])
-    chunk_targets = np.concatenate([np.repeat(target[None], len(result.starts), axis=0)
-                                    for target, (_, result) in zip(targets, results)])
+    items = [item for item, _ in runs[0]]
+    # (models, windows, classes) per file -> the mean over models
+    windows = [np.mean([results[f][1].probabilities for results in runs], axis=0) for f in range(len(items))]
+    labels = models[0].info.labels
+    thresholds = np.mean([model.info.thresholds for model in models], axis=0)
+    targets = np.stack([multi_hot(item.instruments) for item in items])
+    probabilities = np.stack([aggregate_windows(window, aggregate) for window in windows])
+    chunk_probabilities = np.concatenate(windows)
+    chunk_targets = np.concatenate([np.repeat(target[None], len(window), axis=0)
+                                    for target, window in zip(targets, windows)])
     file_metrics = multilabel_metrics(probabilities, targets, thresholds, labels)
     chunk_metrics = multilabel_metrics(chunk_probabilities, chunk_targets, thresholds, labels)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_report(file_metrics, chunk_metrics, probabilities, targets, thresholds, labels, out)
     report = {
         **file_metrics,
-        "model": model.path, "data": str(data), "aggregate": aggregate,
-        "hop_seconds": hop_seconds or model.info.hop_seconds, "clip_seconds": model.info.clip_seconds,
-        "precision": model.precision, "files": len(results), "windows": int(len(chunk_targets)), "skipped": skipped,
+        "models": [model.path for model in models], "data": str(data), "aggregate": aggregate,
+        "hop_seconds": hop_seconds, "clip_seconds": models[0].info.clip_seconds,
+        "precision": models[0].precision, "files": len(items), "windows": int(len(chunk_targets)), "skipped": skipped,
         "chunk": chunk_metrics, "plots": plots,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, labels))
     with open(out / "predictions.jsonl", "w") as handle:
-        for (item, result), probability in zip(results, probabilities):
+        for item, window, probability in zip(items, windows, probabilities):
             predicted = [code for code, p, t in zip(labels, probability, thresholds) if p >= t]
             handle.write(json.dumps({"file": item.name, "true": item.instruments, "predicted": predicted,
                                      "probabilities": dict(zip(labels, map(float, probability))),
-                                     "windows": len(result.starts)}) + "\n")
+                                     "windows": len(window)}) + "\n")
     return report
 
 
@@ -93,6 +125,8 @@ def markdown(report: dict, labels: list[str]) -> str:
     chunk = report["chunk"]
     lines = [
         "# Evaluation report", "",
+        ("Model: " if len(report["models"]) == 1 else f"Ensemble of {len(report['models'])} models (mean window "
+         "probabilities, mean thresholds): ") + ", ".join(f"`{path}`" for path in report["models"]), "",
         f"Data: `{report['data']}`: {report['files']} files, {report['windows']} windows of "
         f"{report['clip_seconds']:g} s every {report['hop_seconds']:g} s, aggregated by `{report['aggregate']}`; "
         f"{len(report['skipped'])} skipped.", "",
@@ -217,14 +251,17 @@ def embed_plot(model: FinetunedModel, data: str, out: Path, *, method: str = "ts
 def main(argv: list[str]) -> int:
     """Evaluate a fine-tuned model on whole files."""
     parser = ArgumentParser(prog="python -m finetune evaluate", description=main.__doc__)
-    parser.add_argument("model", help="model folder (<output_dir>/model of a fine-tuning run)")
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="model folder (<output_dir>/model of a fine-tuning run); several: score their ensemble")
     parser.add_argument("data", help="IRMAS test folder or test shard directory/URLs")
-    parser.add_argument("--out", default=None, help="report folder (default: <model>/../report)")
+    parser.add_argument("--out", default=None, help="report folder (default: <model>/../report; needed for an ensemble)")
     add_inference_options(parser)
     args = parser.parse_args(argv)
-    out = output_folder(args.out if args.out else Path(args.model).parent / "report")  # checked before the work
-    model = load_model(args.model, precision=args.precision)
-    report = evaluate(model, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
+    if args.out is None and len(args.models) > 1:
+        raise UserError(f"an ensemble of {len(args.models)} models has no folder of its own; pass --out REPORT_DIR")
+    out = output_folder(args.out if args.out else Path(args.models[0]).parent / "report")  # checked before the work
+    models = [load_model(path, precision=args.precision) for path in args.models]
+    report = evaluate(models, args.data, out=out, aggregate=args.aggregate, hop_seconds=args.hop_seconds,
                       batch_size=args.batch_size)
     numbers = "  ".join(f"{name} {report[name]:.3f}" for name in REPORTED if report[name] is not None)
     print(f"{report['files']} files ({report['windows']} windows, {len(report['skipped'])} skipped): {numbers}")

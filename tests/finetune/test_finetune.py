@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
 from core.trainer import cpu_has_bf16
@@ -507,6 +507,58 @@ def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
                                                ["validation"]["clips_macro_f1"], abs=1e-6)
     assert plot_embeddings_main([str(trained), str(data["val"]), "--out", str(tmp_path / "map.png"), "--method", "pca"]) == 0
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_several_models_evaluate_as_their_ensemble(trained, data, tmp_path):
+    """`evaluate MODEL MODEL DATA --out DIR` averages the models' window probabilities (files aggregate the mean) and
+    their thresholds; models that cut or decide files differently, or no --out, are one-line errors."""
+    from finetune.evaluate import main as evaluate_main
+
+    def variant(name: str, **changes) -> Path:
+        folder = shutil.copytree(trained, tmp_path / name)
+        info = json.loads((folder / "finetune.json").read_text())
+        (folder / "finetune.json").write_text(json.dumps({**info, **changes}))
+        return folder
+
+    torch.manual_seed(1)
+    other = variant("other", thresholds=[0.3] * len(INSTRUMENTS))
+    head = load_file(other / "head.safetensors")
+    save_file({name: value + 0.5 * torch.randn_like(value) for name, value in head.items()}, other / "head.safetensors")
+    runs = {"one": [trained], "other": [other], "both": [trained, other], "both-max": [trained, other]}
+    reports, probabilities = {}, {}
+    for name, models in runs.items():
+        aggregate = "max" if name == "both-max" else "mean"
+        assert evaluate_main([*map(str, models), str(data["val"]), "--out", str(tmp_path / name),
+                              "--aggregate", aggregate]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        probabilities[name] = np.array([[json.loads(line)["probabilities"][code] for code in INSTRUMENTS]
+                                        for line in lines])
+    assert reports["both"]["models"] == [str(trained), str(other)]
+    assert reports["both"]["files"] == reports["one"]["files"] and reports["both"]["windows"] == reports["one"]["windows"]
+    assert not np.allclose(probabilities["one"], probabilities["other"], atol=1e-3)
+    # the mean of windows' means is the mean of the models' file means; the max of the mean is below the mean of maxima
+    np.testing.assert_allclose(probabilities["both"], (probabilities["one"] + probabilities["other"]) / 2, atol=1e-6)
+    own_maxima = {name: evaluate_main([str(model), str(data["val"]), "--out", str(tmp_path / f"{name}-max"),
+                                       "--aggregate", "max"]) for name, model in (("one", trained), ("other", other))}
+    assert own_maxima == {"one": 0, "other": 0}
+    maxima = [np.array([[json.loads(line)["probabilities"][code] for code in INSTRUMENTS] for line in
+                        (tmp_path / f"{name}-max" / "predictions.jsonl").read_text().splitlines()]) for name in own_maxima]
+    assert np.all(probabilities["both-max"] <= (maxima[0] + maxima[1]) / 2 + 1e-6)
+    assert np.any(probabilities["both-max"] < (maxima[0] + maxima[1]) / 2 - 1e-4)
+    thresholds = (np.array(json.loads((trained / "finetune.json").read_text())["thresholds"]) + 0.3) / 2
+    assert [reports["both"]["per_instrument"][code]["threshold"] for code in INSTRUMENTS] == pytest.approx(thresholds)
+    assert "Ensemble of 2 models" in (tmp_path / "both" / "report.md").read_text()
+
+    longer = variant("longer", clip_seconds=2 * CLIP)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(longer))}: its clip length \(2.0\) differs from .*'s \(1.0\); "):
+        evaluate_main([str(trained), str(longer), str(data["val"]), "--out", str(tmp_path / "x")])
+    own = json.loads((trained / "finetune.json").read_text())["aggregate"]
+    deciding = variant("deciding", aggregate="max" if own == "mean" else "mean")
+    with pytest.raises(UserError, match="pass --aggregate mean or max$"):
+        evaluate_main([str(trained), str(deciding), str(data["val"]), "--out", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="^an ensemble of 2 models has no folder of its own; pass --out REPORT_DIR$"):
+        evaluate_main([str(trained), str(other), str(data["val"])])
 
 
 def test_moving_average_of_the_weights_is_validated_exported_and_resumed(data, backbone_dir, tmp_path):
