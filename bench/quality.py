@@ -16,10 +16,11 @@ source the labels never showed. It runs the toolkit's own command lines, one sub
    `synth-labels`, shown apart from the objectives, trains the recipe on labelled clips the synth renders in the
    pool's fonts instead, and its fine-tunes continue that model (`init_from`): labels from a renderer, not unlabeled
    audio;
-5. `finetune evaluate` every model on the test shards (the numbers come from its report.json) and `finetune
-   yardsticks` (no information; log-mel statistics + logistic regression) on the same data; and each main-table
-   fine-tune again after `finetune calibrate` moved its thresholds to an unlabeled collection in the test's font
-   (other pieces than the test's, labels unread): what a user with their target audio, but no labels for it, gets;
+5. `finetune evaluate` every model on the test shards (the numbers come from its report.json), and each row's
+   seeds' fine-tunes together as one ensemble on the unseen font; `finetune yardsticks` (no information; log-mel
+   statistics + logistic regression) on the same data; and each main-table fine-tune again after `finetune
+   calibrate` moved its thresholds to an unlabeled collection in the test's font (other pieces than the test's,
+   labels unread): what a user with their target audio, but no labels for it, gets;
 6. write RESULTS.md (mean +- std over seeds, targets, pretraining curves, commands, seeds, machine, date) and a
    label-efficiency plot with error bars (scratch vs the best objective) to --out, and to bench/ with
    --write-results.
@@ -391,23 +392,29 @@ def run_bench(args: argparse.Namespace) -> dict:
                          "tracking=none", "resume=auto", f"run_name=bench-{stage}", f"output_dir={run_dir}")
         runner.run(stage, command, output=run_dir, done=run_dir / "model" / "finetune.json",
                    after=(f"pack-labelled-{n}", *([f"pretrain-{name}"] if backbone else [])), files=(recipe,))
-        scores = evaluate(runner, out, stage, run_dir / "model", tests if same_font else {"": tests[""]}, packed,
-                          after=stage)
+        scores = evaluate(runner, out, stage, [run_dir / "model"], tests if same_font else {"": tests[""]}, packed,
+                          after=(stage,))
         if same_font:  # the main table's fine-tunes: also calibrated to the unlabeled collection, then evaluated
             calibrated = out / "calibrated" / stage
             runner.run(f"calibrate-{stage}", python("-m", "finetune", "calibrate", run_dir / "model",
                                                     collection / TEST_DIR, "--out", calibrated),
                        output=calibrated, done=calibrated / "finetune.json", after=(stage, "synth-calibration"),
                        fresh=True)
-            scores |= evaluate(runner, out, stage, calibrated, {"calibrated_": tests[""]},
-                               {"calibrated_": packed[""]}, after=f"calibrate-{stage}")
+            scores |= evaluate(runner, out, stage, [calibrated], {"calibrated_": tests[""]},
+                               {"calibrated_": packed[""]}, after=(f"calibrate-{stage}",))
         return scores
 
     rows: dict[str, dict] = {}
     for name in ("scratch", *objectives):
         runs = {run_seed: finetune("finetune", name, main_n, run_seed, same_font=True) for run_seed in budget.seeds}
+        # the seeds' fine-tunes as one model (mean window probabilities and thresholds) on the unseen font
+        seeds = [f"finetune-{name}-{main_n}-seed{run_seed}" for run_seed in budget.seeds]
+        ensemble = evaluate(runner, out, f"ensemble-{name}-{main_n}",
+                            [out / "finetune" / stage.removeprefix("finetune-") / "model" for stage in seeds],
+                            {"": tests[""]}, packed, after=tuple(seeds)) if len(seeds) > 1 else None
         probe = finetune("probe", name, main_n, budget.seeds[0])
         rows[name] = {**spread(runs.values(), ROW_SCORES), "runs": runs,
+                      "ensemble": ensemble and {key: ensemble[key] for key in ("macro_f1", "lrap", "map")},
                       "probe": {key: probe[key] for key in ("macro_f1", "lrap", "map")},
                       **({key: pretrained[name][key] for key in ("clips_per_s", "seconds", "steps", "loss_curve",
                                                                  "probe_curve", "zero_shot") if key in pretrained[name]}
@@ -477,8 +484,8 @@ def synth_labels(runner: Runner, out: Path, budget: Budget, fonts: list[Path], s
             "clips_per_s": state["clips_per_s"], "steps": state["step"],
             "seconds": runner.seconds[f"pretrain-{SYNTH_LABELS}"],
             "loss_curve": curve_of(run_dir, "loss"), "probe_curve": curve_of(run_dir, "val/lrap"),
-            "zero_shot": evaluate(runner, out, SYNTH_LABELS, run_dir / "model", tests, packed,
-                                  after=f"pretrain-{SYNTH_LABELS}")}
+            "zero_shot": evaluate(runner, out, SYNTH_LABELS, [run_dir / "model"], tests, packed,
+                                  after=(f"pretrain-{SYNTH_LABELS}",))}
 
 
 def rehearsal(labelled: Path, rendered: Path, share: float) -> list[str]:
@@ -510,16 +517,17 @@ def spread(runs, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
                   "std": float(np.std([run[key] for run in runs], ddof=ddof))} for key in keys}
 
 
-def evaluate(runner: Runner, out: Path, label: str, model: Path, tests: dict[str, Path], packed: dict[str, str], *,
-             after: str) -> dict[str, float]:
-    """`finetune evaluate` of `model` (written by stage `after`) on each test set (prefix -> shards, written by stage
-    packed[prefix]), one stage each (evaluate-<prefix>label); the headline scores with their prefix."""
+def evaluate(runner: Runner, out: Path, label: str, models: list[Path], tests: dict[str, Path], packed: dict[str, str],
+             *, after: tuple[str, ...]) -> dict[str, float]:
+    """`finetune evaluate` of `models` (one, or several as their ensemble; written by the stages `after`) on each test
+    set (prefix -> shards, written by stage packed[prefix]), one stage each (evaluate-<prefix>label); the headline
+    scores with their prefix."""
     scores = {}
     for prefix, test_data in tests.items():
         stage = f"evaluate-{prefix.replace('_', '-')}{label}"
         report_dir = out / "evaluate" / stage.removeprefix("evaluate-")
-        runner.run(stage, python("-m", "finetune", "evaluate", model, test_data, "--out", report_dir),
-                   output=report_dir, done=report_dir / "report.json", after=(after, packed[prefix]))
+        runner.run(stage, python("-m", "finetune", "evaluate", *models, test_data, "--out", report_dir),
+                   output=report_dir, done=report_dir / "report.json", after=(*after, packed[prefix]))
         report = json.loads((report_dir / "report.json").read_text())
         scores |= {prefix + key: report[key] for key in HEADLINE}
     return scores
@@ -572,8 +580,8 @@ def run_supervised(args: argparse.Namespace) -> dict:
             "-m", "finetune", recipe, f"data.train={shards / 'train' / 'train'}", f"data.val={shards / 'train' / 'val'}",
             f"train.seed={run_seed}", *steps, "tracking=none", "resume=auto", f"output_dir={run_dir}"),
             output=run_dir, done=run_dir / "model" / "finetune.json", after=("pack-train",), files=(recipe,))
-        scores = evaluate(runner, out, f"seed{run_seed}", run_dir / "model", tests, packed,
-                          after=f"finetune-seed{run_seed}")
+        scores = evaluate(runner, out, f"seed{run_seed}", [run_dir / "model"], tests, packed,
+                          after=(f"finetune-seed{run_seed}",))
         state = json.loads((run_dir / "trainer_state.json").read_text())
         runs[run_seed] = {**scores, "steps": state["step"], "clips_per_s": state["clips_per_s"],
                           "seconds": runner.seconds[f"finetune-seed{run_seed}"]}
@@ -714,16 +722,21 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         "`pooled`) moved their thresholds to an unlabeled collection of other pieces in the test's font "
         f"({max(sizes['test_files'], MIN_FILES)} files, seed {result['seed'] + 3}); scores, so LRAP and mAP, do not "
         "change.", "",
+        "The ensemble column scores each row's fine-tunes of every seed as one model on the unseen font (`python -m "
+        "finetune evaluate` given all of them: mean window probabilities, mean thresholds), macro F1 / LRAP / mAP.", "",
         "| backbone | fine-tune macro F1 | micro F1 | LRAP | mAP | same-font macro F1 | same-font LRAP "
-        "| calibrated macro F1 | calibrated micro F1 | probe macro F1 | probe LRAP | pretraining clips/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| calibrated macro F1 | calibrated micro F1 | seeds' ensemble | probe macro F1 | probe LRAP "
+        "| pretraining clips/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["rows"].items():
+        ensemble = " / ".join(number(row["ensemble"][key]) for key in ("macro_f1", "lrap", "map")) \
+            if row.get("ensemble") else "-"
         lines.append(f"| {name} | " + " | ".join(cell(row[key]) for key in ROW_SCORES)
-                     + f" | {number(row['probe']['macro_f1'])} | {number(row['probe']['lrap'])} | "
+                     + f" | {ensemble} | {number(row['probe']['macro_f1'])} | {number(row['probe']['lrap'])} | "
                      f"{number(row.get('clips_per_s'), 1)} |")
     for name, row in result["yardsticks"].items():
-        lines.append(f"| *{name}* | " + " | ".join(number(row.get(key)) for key in ROW_SCORES) + " | - | - | - |")
+        lines.append(f"| *{name}* | " + " | ".join(number(row.get(key)) for key in ROW_SCORES) + " | - | - | - | - |")
     curve = result["label_efficiency"]
     lines += ["", f"![label efficiency]({png.name})", "",
               "| fine-tune macro F1, labelled clips per class | "
