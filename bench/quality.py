@@ -407,7 +407,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     rows: dict[str, dict] = {}
     for name in ("scratch", *objectives):
         runs = {run_seed: finetune("finetune", name, main_n, run_seed, same_font=True) for run_seed in budget.seeds}
-        # the seeds' fine-tunes as one model (mean window probabilities and thresholds) on the unseen font
+        # the seeds' fine-tunes as one model (mean file probabilities and thresholds) on the unseen font
         seeds = [f"finetune-{name}-{main_n}-seed{run_seed}" for run_seed in budget.seeds]
         ensemble = evaluate(runner, out, f"ensemble-{name}-{main_n}",
                             [out / "finetune" / stage.removeprefix("finetune-") / "model" for stage in seeds],
@@ -723,7 +723,7 @@ def write_results(result: dict, commands: list[tuple[str, str]], notes: str | No
         f"({max(sizes['test_files'], MIN_FILES)} files, seed {result['seed'] + 3}); scores, so LRAP and mAP, do not "
         "change.", "",
         "The ensemble column scores each row's fine-tunes of every seed as one model on the unseen font (`python -m "
-        "finetune evaluate` given all of them: mean window probabilities, mean thresholds), macro F1 / LRAP / mAP.", "",
+        "finetune evaluate` given all of them: mean file probabilities, mean thresholds), macro F1 / LRAP / mAP.", "",
         "| backbone | fine-tune macro F1 | micro F1 | LRAP | mAP | same-font macro F1 | same-font LRAP "
         "| calibrated macro F1 | calibrated micro F1 | seeds' ensemble | probe macro F1 | probe LRAP "
         "| pretraining clips/s |",

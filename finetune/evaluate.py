@@ -5,9 +5,11 @@ windows of the training clip length (see `finetune.inference.infer`), and the mo
 per-file aggregate. Metrics are reported per file (what IRMAS publications report) and per window (each window carries
 its file's labels).
 
-Several models evaluate as one ensemble: each window's probabilities are the mean of the models' (the windows are the
-same, as the models share labels, sample rate, clip length and hop), files aggregate that mean, and each instrument's
-threshold is the mean of the models' thresholds.
+Several models evaluate as one ensemble (they share labels, sample rate, clip length and hop, so they cut the same
+windows): each file's probabilities are the mean of the models' file probabilities, each window's the mean of the
+models' window probabilities, and each instrument's threshold the mean of the models' thresholds. A file is averaged
+after each model's aggregate, not before, because each model's thresholds were tuned on its own file scores: under
+`max`, the loudest window of the mean falls below the mean of the loudest windows and under the mean thresholds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from core.errors import ArgumentParser, UserError, output_file, output_folder
 from core.progress import progress_bar
 from finetune.folder import FinetunedModel, load_model
-from finetune.inference import AGGREGATES, FileResult, add_inference_options, aggregate_windows, infer
+from finetune.inference import AGGREGATES, FileResult, add_inference_options, infer
 from finetune.metrics import REPORTED, multilabel_metrics
 from shards.inputs import labelled_examples
 from shards.vocab import GENRE_NAMES, GENRES, INSTRUMENT_NAMES, multi_hot
@@ -87,12 +89,12 @@ def evaluate(models: FinetunedModel | list[FinetunedModel], data: str, *, out: P
         raise UserError(f"{data}: none of the files could be read ({len(skipped)} skipped); see the reasons with "
                         f"`python -m shards pack irmas-test {data} OUTDIR`")
     items = [item for item, _ in runs[0]]
-    # (models, windows, classes) per file -> the mean over models
+    # per file, (windows, classes) and (classes,) averaged over the models
     windows = [np.mean([results[f][1].probabilities for results in runs], axis=0) for f in range(len(items))]
+    probabilities = np.mean([[result.aggregate(aggregate) for _, result in results] for results in runs], axis=0)
     labels = models[0].info.labels
     thresholds = np.mean([model.info.thresholds for model in models], axis=0)
     targets = np.stack([multi_hot(item.instruments) for item in items])
-    probabilities = np.stack([aggregate_windows(window, aggregate) for window in windows])
     chunk_probabilities = np.concatenate(windows)
     chunk_targets = np.concatenate([np.repeat(target[None], len(window), axis=0)
                                     for target, window in zip(targets, windows)])
@@ -125,8 +127,8 @@ def markdown(report: dict, labels: list[str]) -> str:
     chunk = report["chunk"]
     lines = [
         "# Evaluation report", "",
-        ("Model: " if len(report["models"]) == 1 else f"Ensemble of {len(report['models'])} models (mean window "
-         "probabilities, mean thresholds): ") + ", ".join(f"`{path}`" for path in report["models"]), "",
+        ("Model: " if len(report["models"]) == 1 else f"Ensemble of {len(report['models'])} models (mean file and "
+         "window probabilities, mean thresholds): ") + ", ".join(f"`{path}`" for path in report["models"]), "",
         f"Data: `{report['data']}`: {report['files']} files, {report['windows']} windows of "
         f"{report['clip_seconds']:g} s every {report['hop_seconds']:g} s, aggregated by `{report['aggregate']}`; "
         f"{len(report['skipped'])} skipped.", "",

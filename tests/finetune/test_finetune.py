@@ -510,8 +510,9 @@ def test_evaluate_shards_and_embedding_map(trained, data, tmp_path):
 
 
 def test_several_models_evaluate_as_their_ensemble(trained, data, tmp_path):
-    """`evaluate MODEL MODEL DATA --out DIR` averages the models' window probabilities (files aggregate the mean) and
-    their thresholds; models that cut or decide files differently, or no --out, are one-line errors."""
+    """`evaluate MODEL MODEL DATA --out DIR` averages the models' file probabilities (each after its own aggregate, the
+    scale its thresholds were tuned on) and their thresholds; models that cut or decide files differently, or no
+    --out, are one-line errors."""
     from finetune.evaluate import main as evaluate_main
 
     def variant(name: str, **changes) -> Path:
@@ -537,15 +538,14 @@ def test_several_models_evaluate_as_their_ensemble(trained, data, tmp_path):
     assert reports["both"]["models"] == [str(trained), str(other)]
     assert reports["both"]["files"] == reports["one"]["files"] and reports["both"]["windows"] == reports["one"]["windows"]
     assert not np.allclose(probabilities["one"], probabilities["other"], atol=1e-3)
-    # the mean of windows' means is the mean of the models' file means; the max of the mean is below the mean of maxima
     np.testing.assert_allclose(probabilities["both"], (probabilities["one"] + probabilities["other"]) / 2, atol=1e-6)
     own_maxima = {name: evaluate_main([str(model), str(data["val"]), "--out", str(tmp_path / f"{name}-max"),
                                        "--aggregate", "max"]) for name, model in (("one", trained), ("other", other))}
     assert own_maxima == {"one": 0, "other": 0}
     maxima = [np.array([[json.loads(line)["probabilities"][code] for code in INSTRUMENTS] for line in
                         (tmp_path / f"{name}-max" / "predictions.jsonl").read_text().splitlines()]) for name in own_maxima]
-    assert np.all(probabilities["both-max"] <= (maxima[0] + maxima[1]) / 2 + 1e-6)
-    assert np.any(probabilities["both-max"] < (maxima[0] + maxima[1]) / 2 - 1e-4)
+    # the mean of the models' loudest windows, not the loudest window of their mean (lower, under the same thresholds)
+    np.testing.assert_allclose(probabilities["both-max"], (maxima[0] + maxima[1]) / 2, atol=1e-6)
     thresholds = (np.array(json.loads((trained / "finetune.json").read_text())["thresholds"]) + 0.3) / 2
     assert [reports["both"]["per_instrument"][code]["threshold"] for code in INSTRUMENTS] == pytest.approx(thresholds)
     assert "Ensemble of 2 models" in (tmp_path / "both" / "report.md").read_text()
